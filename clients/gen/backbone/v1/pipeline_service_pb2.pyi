@@ -1,0 +1,91 @@
+from backbone.v1 import common_pb2 as _common_pb2
+from backbone.v1 import generation_service_pb2 as _generation_service_pb2
+from backbone.v1 import vector_search_service_pb2 as _vector_search_service_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("query", "collection", "search_top_k", "top_n", "skip_rerank", "filter", "mode")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    SKIP_RERANK_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    collection: str
+    search_top_k: int
+    top_n: int
+    skip_rerank: bool
+    filter: _vector_search_service_pb2.Filter
+    mode: _vector_search_service_pb2.SearchMode
+    def __init__(self, query: _Optional[str] = ..., collection: _Optional[str] = ..., search_top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., skip_rerank: _Optional[bool] = ..., filter: _Optional[_Union[_vector_search_service_pb2.Filter, _Mapping]] = ..., mode: _Optional[_Union[_vector_search_service_pb2.SearchMode, str]] = ...) -> None: ...
+
+class Source(_message.Message):
+    __slots__ = ("id", "text", "search_score", "rerank_score", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    search_score: float
+    rerank_score: float
+    metadata: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., search_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("sources", "timings")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedCompositeFieldContainer[Source]
+    timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopTiming]
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ...) -> None: ...
+
+class AnswerRequest(_message.Message):
+    __slots__ = ("retrieve", "model", "sampling", "system_prompt")
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    retrieve: RetrieveRequest
+    model: str
+    sampling: _generation_service_pb2.SamplingParams
+    system_prompt: str
+    def __init__(self, retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_service_pb2.SamplingParams, _Mapping]] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+
+class AnswerSources(_message.Message):
+    __slots__ = ("sources",)
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedCompositeFieldContainer[Source]
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
+
+class AnswerFinal(_message.Message):
+    __slots__ = ("finish_reason", "usage", "timings", "model")
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    finish_reason: _generation_service_pb2.FinishReason
+    usage: _common_pb2.Usage
+    timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopTiming]
+    model: str
+    def __init__(self, finish_reason: _Optional[_Union[_generation_service_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class AnswerResponse(_message.Message):
+    __slots__ = ("sources", "delta", "final")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    sources: AnswerSources
+    delta: _generation_service_pb2.GenerateDelta
+    final: AnswerFinal
+    def __init__(self, sources: _Optional[_Union[AnswerSources, _Mapping]] = ..., delta: _Optional[_Union[_generation_service_pb2.GenerateDelta, _Mapping]] = ..., final: _Optional[_Union[AnswerFinal, _Mapping]] = ...) -> None: ...
