@@ -1,0 +1,228 @@
+"""One frozen configuration object per process.
+
+Built in ``main()`` from, lowest precedence first: defaults, a TOML file, ``BACKBONE_*``
+environment variables, command-line flags. Environment keys are
+``BACKBONE_<SECTION>__<FIELD>`` (double underscore), e.g. ``BACKBONE_SERVER__PORT=50052``
+or ``BACKBONE_EMBEDDING__MAX_BATCH_SIZE=64``. Nothing here reads the environment at import
+time: ``load_config`` takes the mapping it should read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BACKBONE_"
+SECRET_FIELDS = frozenset({"auth_token"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Process-level settings: listening address, limits, security, shutdown."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Hops `backbone serve` runs when none is named (the embedded default: all of them).
+    services: str = "embedding,search,rerank,generation"
+    # Prometheus /metrics HTTP port; 0 disables it.
+    metrics_port: int = 9464
+    # Hard cap on one received gRPC message; larger messages get RESOURCE_EXHAUSTED from
+    # gRPC itself before any handler runs.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Seconds in-flight calls get to finish after SIGTERM (health flips first).
+    grace_seconds: float = 10.0
+    # Bearer token required on every call except health when set.
+    auth_token: str = ""
+    # TLS: server certificate chain and key (PEM paths). Both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # mTLS: CA bundle that client certificates must chain to (PEM path).
+    tls_client_ca: str = ""
+    # Log prompts, documents and tokens. Off by default.
+    log_payloads: bool = False
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """The embedding hop: model, batching and input limits."""
+
+    # Local model directory; empty means the bundled all-MiniLM-L6-v2.
+    model_path: str = ""
+    model_name: str = "all-MiniLM-L6-v2"
+    device: str = "cpu"
+    # Largest number of texts in one model batch.
+    max_batch_size: int = 64
+    # Longest a request waits for company before its batch runs, in milliseconds.
+    max_wait_ms: float = 2.0
+    # Padded tokens per batch (batch rows x longest row) at most.
+    token_budget: int = 16384
+    # Texts waiting in the queue at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    max_queue: int = 1024
+    # Input limits, checked before any work.
+    max_inputs: int = 256
+    max_text_chars: int = 32768
+    max_request_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The vector search hop: storage and limits."""
+
+    # Directory for collections (snapshots + write-ahead logs).
+    data_dir: str = "data/collections"
+    # fsync the write-ahead log before acknowledging writes. Turning it off loses durability.
+    durable: bool = True
+    # Embedding service address for text queries when split; empty: in-process.
+    embedding_address: str = ""
+    max_top_k: int = 1000
+    max_points_per_request: int = 1024
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """The rerank hop: engine, batching and limits."""
+
+    # "maxsim" (bundled MiniLM late interaction, the offline default) or "cross_encoder".
+    engine: str = "maxsim"
+    # Local model directory for the cross-encoder engine.
+    model_path: str = ""
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    token_budget: int = 32768
+    max_queue: int = 4096
+    max_documents: int = 1000
+    max_text_chars: int = 8192
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The generation hop: models and caps."""
+
+    # Directory of the converted bundled model (HF layout); empty: the default cache dir.
+    model_dir: str = ""
+    # "vllm" or "tensorrt_llm".
+    engine: str = "vllm"
+    model_name: str = "smollm2-135m-instruct"
+    max_tokens_cap: int = 1024
+    max_context_tokens: int = 2048
+    max_prompt_chars: int = 65536
+    # Requests waiting for the engine at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    max_waiting: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole effective configuration of one process."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; raised before the server starts."""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(value)
+        if typ in (int, float, str):
+            return typ(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} as {typ.__name__}") from exc
+    return value
+
+
+def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Mapping[str, Any]]) -> None:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for section, values in layer.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}]")
+        known = typing.get_type_hints(_section_type(section))
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key}")
+            base.setdefault(section, {})[key] = _coerce(value, known[key], f"{section}.{key}")
+
+
+def _section_type(section: str) -> type:
+    return type(getattr(Config(), section))
+
+
+def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The ``BACKBONE_<SECTION>__<FIELD>`` variables of ``environ`` as a config layer."""
+    layer: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        layer.setdefault(section.lower(), {})[key.lower()] = value
+    return layer
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the frozen config: defaults < TOML file < environment < overrides (flags)."""
+    merged: dict[str, dict[str, Any]] = {}
+    if path:
+        with open(path, "rb") as fh:
+            _merge(merged, tomllib.load(fh))
+    if environ is not None:
+        _merge(merged, env_layer(environ))
+    if overrides:
+        _merge(merged, overrides)
+    sections = {
+        name: dataclasses.replace(getattr(Config(), name), **values)
+        for name, values in merged.items()
+    }
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    s = config.server
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key must be set together")
+    if s.tls_client_ca and not s.tls_cert:
+        raise ConfigError("server.tls_client_ca (mTLS) needs server.tls_cert and tls_key")
+    if not 0 <= s.port < 65536:
+        raise ConfigError(f"server.port {s.port} is not a port")
+
+
+def parse_assignment(text: str) -> tuple[str, str, str]:
+    """Split a ``section.key=value`` flag into its parts."""
+    dotted, sep, value = text.partition("=")
+    section, dot, key = dotted.partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set wants section.key=value, got {text!r}")
+    return section.strip(), key.strip(), value
+
+
+def redacted(config: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain dicts with secrets replaced, for the start-up log."""
+    out = dataclasses.asdict(config)
+    for values in out.values():
+        for key in values:
+            if key in SECRET_FIELDS and values[key]:
+                values[key] = "***"
+    return out

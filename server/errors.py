@@ -1,0 +1,94 @@
+"""Domain errors: what went wrong, in the contract's terms, without any grpc import.
+
+Each error names a canonical gRPC status (by its ``grpc.StatusCode`` name) and an
+``ErrorReason`` (the proto enum value's name without the ``ERROR_REASON_`` prefix).
+The error interceptor turns them into a status with exactly one ``google.rpc.ErrorInfo``.
+"""
+
+from __future__ import annotations
+
+ERROR_DOMAIN = "backbone.v1"
+
+
+class BackboneError(Exception):
+    """Base of every error the server reports on purpose."""
+
+    status: str = "INTERNAL"
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        # ErrorInfo.metadata is map<string, string>.
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+
+class InvalidArgument(BackboneError):
+    """Bad input; nothing was computed. Default reason INVALID_INPUT."""
+
+    status = "INVALID_ARGUMENT"
+    reason = "INVALID_INPUT"
+
+
+class NotFound(BackboneError):
+    """An unknown collection, model or request id."""
+
+    status = "NOT_FOUND"
+    reason = "INVALID_INPUT"
+
+
+class AlreadyExists(BackboneError):
+    """Creating something that exists."""
+
+    status = "ALREADY_EXISTS"
+    reason = "COLLECTION_EXISTS"
+
+
+class Overloaded(BackboneError):
+    """A bounded queue is full: a fast refusal instead of an unbounded wait."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "OVERLOADED"
+
+
+class Unavailable(BackboneError):
+    """The engine or upstream cannot serve now (not ready, dead, breaker open)."""
+
+    status = "UNAVAILABLE"
+    reason = "UNAVAILABLE"
+
+
+class DeadlineTooShort(BackboneError):
+    """Too little of the deadline is left to do the work; nothing was computed."""
+
+    status = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_TOO_SHORT"
+
+
+class Unauthenticated(BackboneError):
+    """Missing or wrong bearer token."""
+
+    status = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
+class NotImplementedYet(BackboneError):
+    """An RPC of the contract this server does not implement yet."""
+
+    status = "UNIMPLEMENTED"
+    reason = "NOT_IMPLEMENTED"
+
+
+class Cancelled(BackboneError):
+    """The caller went away; the work was dropped."""
+
+    status = "CANCELLED"
+    reason = "INVALID_INPUT"
