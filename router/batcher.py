@@ -1,0 +1,304 @@
+"""Dynamic batching of concurrent requests onto one blocking model call at a time.
+
+One component serves every batched hop (embedding, rerank). Callers ``submit`` the items
+of one request; the batcher groups items of many requests into batches bounded by a
+maximum size, a maximum wait and a token budget (padded tokens: rows x longest row),
+grouping items of similar length so padding stays small, and runs each batch in a worker
+thread off the event loop.
+
+Invariants:
+- every future handed out is resolved on every path (result, the batch's own exception,
+  ``Overloaded``, ``DeadlineTooShort``, ``Unavailable`` at stop) or cancelled by its caller;
+- items whose caller went away (cancelled) or whose deadline passed are dropped before
+  compute;
+- the queue never holds more than ``max_queue`` live items: admission of a request is all
+  or nothing, and refusal is immediate;
+- a batch that raises fails only its own items; the loop keeps running;
+- the oldest waiting item is always in the next batch, so no item starves.
+
+No grpc imports: this is policy, driven by unit tests without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from server.errors import DeadlineTooShort, Overloaded, Unavailable
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Bounds of a batch and of the queue in front of it."""
+
+    max_batch_size: int = 64
+    # How long the oldest item may wait for company while the engine is idle, in seconds.
+    max_wait_s: float = 0.002
+    # Padded tokens per batch at most: len(batch) * max(cost in batch). A single item
+    # over the budget still runs, alone.
+    token_budget: int = 16384
+    # Live items waiting at most; beyond this a request is refused with Overloaded.
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.token_budget < 1:
+            raise ValueError("batch size, queue and token budget must be positive")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """How a request's items were served."""
+
+    # Longest time any of its items waited in the queue, seconds.
+    queue_s: float
+    # Compute time of the batches that served its items, summed, seconds.
+    compute_s: float
+    # Largest batch that served one of its items.
+    batch_size: int
+
+
+class _Item(Generic[In, Out]):
+    __slots__ = ("payload", "cost", "future", "enqueued", "deadline")
+
+    def __init__(
+        self, payload: In, cost: int, future: asyncio.Future, deadline: float | None
+    ) -> None:
+        self.payload = payload
+        self.cost = cost
+        self.future = future
+        self.enqueued = time.monotonic()
+        self.deadline = deadline
+
+
+@dataclass(frozen=True)
+class _Served(Generic[Out]):
+    value: Out
+    queue_s: float
+    compute_s: float
+    batch_size: int
+    batch_id: int
+
+
+class DynamicBatcher(Generic[In, Out]):
+    """Batches items from concurrent callers onto ``run_batch``.
+
+    ``run_batch`` is blocking; it is called in a dedicated worker thread with a list of
+    payloads and must return one output per payload, in order.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[In]], Sequence[Out]],
+        policy: BatchPolicy,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._run_batch = run_batch
+        self._queue: list[_Item[In, Out]] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._stopping = False
+        self._batches = 0
+        # Observers (metrics): called with (batch_size, padded_tokens, compute_s).
+        self.on_batch: Callable[[int, int, float], None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+
+    def healthy(self) -> bool:
+        """True while the batching loop runs."""
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        """Items waiting (including ones whose caller left but are not purged yet)."""
+        return len(self._queue)
+
+    async def stop(self) -> None:
+        """Stop the loop; every waiting item fails with Unavailable."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail_all(Unavailable(f"{self.name} is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submission ----------------------------------------------------------------
+
+    async def submit(
+        self,
+        payloads: Sequence[In],
+        costs: Sequence[int],
+        deadline: float | None = None,
+    ) -> tuple[list[Out], BatchTiming]:
+        """Run ``payloads`` through batches and return their outputs in order.
+
+        ``costs`` are the items' token counts. ``deadline`` is a ``time.monotonic()``
+        instant after which items still waiting are dropped. Raises ``Overloaded`` at
+        once when the queue cannot take every item.
+        """
+        if not self.healthy():
+            raise Unavailable(f"{self.name} batcher is not running")
+        if len(payloads) != len(costs):
+            raise ValueError("one cost per payload")
+        if len(self._queue) + len(payloads) > self.policy.max_queue:
+            self._purge()
+            if len(self._queue) + len(payloads) > self.policy.max_queue:
+                raise Overloaded(
+                    f"{self.name} queue is full",
+                    metadata={"max_queue": self.policy.max_queue},
+                )
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(p, max(1, int(c)), loop.create_future(), deadline)
+            for p, c in zip(payloads, costs, strict=True)
+        ]
+        self._queue.extend(items)
+        self._arrived.set()
+        try:
+            served: list[_Served[Out]] = await asyncio.gather(*(i.future for i in items))
+        except BaseException:
+            for item in items:
+                item.future.cancel()
+            self._purge()
+            raise
+        batches: dict[int, float] = {s.batch_id: s.compute_s for s in served}
+        timing = BatchTiming(
+            queue_s=max(s.queue_s for s in served),
+            compute_s=sum(batches.values()),
+            batch_size=max(s.batch_size for s in served),
+        )
+        return [s.value for s in served], timing
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _purge(self) -> None:
+        self._queue = [i for i in self._queue if not i.future.done()]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(exc)
+        self._queue.clear()
+
+    def _batch_full(self) -> bool:
+        live = [i for i in self._queue if not i.future.done()]
+        if len(live) >= self.policy.max_batch_size:
+            return True
+        longest = max((i.cost for i in live), default=0)
+        return longest * len(live) >= self.policy.token_budget
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                await self._arrived.wait()
+                self._arrived.clear()
+                self._purge()
+                if not self._queue:
+                    continue
+                await self._wait_for_company()
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+                if self._queue:
+                    self._arrived.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # a bug in the loop itself: fail everyone, report unhealthy
+            log.exception("batcher %s loop died", self.name)
+            self._fail_all(Unavailable(f"{self.name} batcher failed"))
+            raise
+
+    async def _wait_for_company(self) -> None:
+        """Give the oldest item up to max_wait to be joined, unless the batch is full."""
+        oldest = self._queue[0].enqueued
+        while not self._batch_full():
+            remaining = oldest + self.policy.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Item[In, Out]]:
+        """Remove and return the next batch: the oldest item plus the closest lengths."""
+        now = time.monotonic()
+        live: list[_Item[In, Out]] = []
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineTooShort(f"deadline passed while queued in {self.name}")
+                )
+                continue
+            live.append(item)
+        if not live:
+            self._queue = []
+            return []
+        oldest = live[0]
+        by_closeness = sorted(live[1:], key=lambda i: (abs(i.cost - oldest.cost), i.enqueued))
+        batch = [oldest]
+        longest = oldest.cost
+        for item in by_closeness:
+            if len(batch) >= self.policy.max_batch_size:
+                break
+            new_longest = max(longest, item.cost)
+            if new_longest * (len(batch) + 1) > self.policy.token_budget:
+                continue
+            batch.append(item)
+            longest = new_longest
+        chosen = {id(i) for i in batch}
+        self._queue = [i for i in live if id(i) not in chosen]
+        return batch
+
+    async def _run(self, batch: list[_Item[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self._batches += 1
+        batch_id = self._batches
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, self._run_batch, [i.payload for i in batch]
+            )
+            if len(outputs) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: run_batch returned {len(outputs)} outputs for {len(batch)}"
+                )
+        except Exception as exc:  # the batch's own failure: only its callers see it
+            log.error("batch of %d in %s failed: %r", len(batch), self.name, exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        compute_s = time.monotonic() - started
+        if self.on_batch is not None:
+            self.on_batch(len(batch), len(batch) * max(i.cost for i in batch), compute_s)
+        for item, value in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(
+                    _Served(value, started - item.enqueued, compute_s, len(batch), batch_id)
+                )

@@ -1,0 +1,221 @@
+"""Policy tests of the dynamic batcher, with a fake blocking model gated by events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from router.batcher import BatchPolicy, DynamicBatcher
+from server.errors import DeadlineTooShort, Overloaded, Unavailable
+
+
+class GatedModel:
+    """A blocking run_batch that records batches and can be held at a gate."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError("model exploded")
+        return [s.upper() for s in items]
+
+
+async def wait_entered(model: GatedModel) -> None:
+    await asyncio.to_thread(model.entered.wait, 10)
+
+
+@pytest.fixture
+async def make():
+    batchers = []
+
+    async def factory(model, **policy):
+        b = DynamicBatcher("t", model, BatchPolicy(**policy))
+        await b.start()
+        batchers.append(b)
+        return b
+
+    yield factory
+    for b in batchers:
+        await b.stop()
+
+
+async def test_concurrent_requests_share_a_batch_and_keep_order(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=64, max_wait_s=0.0)
+    first = asyncio.create_task(b.submit(["a"], [1]))
+    await wait_entered(model)  # the engine is busy with "a"; the rest queue up behind it
+    rest = [asyncio.create_task(b.submit([f"x{i}", f"y{i}"], [2, 2])) for i in range(10)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    assert (await first)[0] == ["A"]
+    for i, task in enumerate(rest):
+        out, timing = await task
+        assert out == [f"X{i}", f"Y{i}"]
+        assert timing.batch_size == 20
+    assert [len(x) for x in model.batches] == [1, 20]
+
+
+async def test_batch_size_and_token_budget_bound_batches(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=4, max_wait_s=0.0, token_budget=30)
+    blocker = asyncio.create_task(b.submit(["z"], [1]))
+    await wait_entered(model)
+    tasks = [asyncio.create_task(b.submit([f"s{i}"], [10])) for i in range(7)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await blocker
+    await asyncio.gather(*tasks)
+    # 10 tokens each, budget 30: at most 3 rows per batch (4 would be 40 padded tokens).
+    assert [len(x) for x in model.batches[1:]] == [3, 3, 1]
+
+
+async def test_single_item_over_budget_still_runs_alone(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=8, max_wait_s=0.0, token_budget=10)
+    out, timing = await b.submit(["big"], [500])
+    assert out == ["BIG"] and timing.batch_size == 1
+
+
+async def test_length_aware_grouping_keeps_similar_lengths_together(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=3, max_wait_s=0.0, token_budget=10_000)
+    blocker = asyncio.create_task(b.submit(["first"], [1]))
+    await wait_entered(model)
+    lengths = {"s1": 5, "L1": 200, "s2": 6, "L2": 210, "s3": 4, "L3": 205}
+    tasks = [asyncio.create_task(b.submit([k], [v])) for k, v in lengths.items()]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await blocker
+    await asyncio.gather(*tasks)
+    groups = [sorted(x) for x in model.batches[1:]]
+    assert groups == [["s1", "s2", "s3"], ["L1", "L2", "L3"]]
+
+
+async def test_oldest_item_is_never_starved(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=2, max_wait_s=0.0, token_budget=10_000)
+    blocker = asyncio.create_task(b.submit(["first"], [1]))
+    await wait_entered(model)
+    odd = asyncio.create_task(b.submit(["odd"], [300]))
+    await asyncio.sleep(0)
+    short = [asyncio.create_task(b.submit([f"s{i}"], [5])) for i in range(4)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(blocker, odd, *short)
+    assert "odd" in model.batches[1]
+
+
+async def test_queue_bound_refuses_fast_and_whole(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue=3)
+    running = asyncio.create_task(b.submit(["run"], [1]))
+    await wait_entered(model)
+    queued = asyncio.create_task(b.submit(["q1", "q2"], [1, 1]))
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    with pytest.raises(Overloaded):
+        await b.submit(["a", "b"], [1, 1])  # 2 + 2 > 3: refused whole, nothing queued
+    assert time.perf_counter() - started < 0.05
+    assert b.queued == 2
+    model.gate.set()
+    await asyncio.gather(running, queued)
+
+
+async def test_cancelled_request_is_dropped_before_compute(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=8, max_wait_s=0.0)
+    running = asyncio.create_task(b.submit(["run"], [1]))
+    await wait_entered(model)
+    doomed = asyncio.create_task(b.submit(["doomed"], [1]))
+    kept = asyncio.create_task(b.submit(["kept"], [1]))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    model.gate.set()
+    await running
+    assert (await kept)[0] == ["KEPT"]
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert all("doomed" not in batch for batch in model.batches)
+
+
+async def test_expired_deadline_is_dropped_before_compute(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=8, max_wait_s=0.0)
+    running = asyncio.create_task(b.submit(["run"], [1]))
+    await wait_entered(model)
+    late = asyncio.create_task(b.submit(["late"], [1], deadline=time.monotonic() - 1))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await running
+    with pytest.raises(DeadlineTooShort):
+        await late
+    assert all("late" not in batch for batch in model.batches)
+
+
+async def test_crashed_batch_fails_only_its_callers_and_loop_survives(make):
+    model = GatedModel(fail_on="bad")
+    model.gate.clear()
+    b = await make(model, max_batch_size=2, max_wait_s=0.0, token_budget=10_000)
+    running = asyncio.create_task(b.submit(["run"], [1]))
+    await wait_entered(model)
+    bad = asyncio.create_task(b.submit(["bad"], [5]))
+    mate = asyncio.create_task(b.submit(["mate"], [5]))
+    other = asyncio.create_task(b.submit(["other"], [500]))  # too different: next batch
+    await asyncio.sleep(0)
+    model.gate.set()
+    await running
+    with pytest.raises(ValueError):
+        await bad
+    with pytest.raises(ValueError):
+        await mate  # shared the crashed batch
+    assert (await other)[0] == ["OTHER"]
+    assert b.healthy()
+    assert (await b.submit(["after"], [1]))[0] == ["AFTER"]
+
+
+async def test_stop_resolves_every_waiting_future(make):
+    model = GatedModel()
+    model.gate.clear()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0)
+    running = asyncio.create_task(b.submit(["run"], [1]))
+    await wait_entered(model)
+    waiting = [asyncio.create_task(b.submit([f"w{i}"], [1])) for i in range(5)]
+    await asyncio.sleep(0)
+    await b.stop()
+    model.gate.set()
+    for task in waiting:
+        with pytest.raises(Unavailable):
+            await task
+    running.cancel()
+    with pytest.raises(Unavailable):
+        await b.submit(["x"], [1])
+    assert not b.healthy()
+
+
+async def test_max_wait_lets_an_idle_engine_collect_a_batch(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=8, max_wait_s=0.2)
+    first = asyncio.create_task(b.submit(["a"], [1]))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.submit(["b"], [1]))
+    await asyncio.gather(first, second)
+    assert model.batches == [["a", "b"]]
