@@ -1,0 +1,188 @@
+"""Server interceptors: error mapping, bearer-token auth, RPC metrics.
+
+Each interceptor wraps the method handler's behaviour function, whatever its arity
+(unary or streaming in, unary or streaming out), so one mechanism serves all four kinds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from server import metrics
+from server.errors import ERROR_DOMAIN, BackboneError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Methods reachable without a token: load balancers and orchestrators probe health.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+Behaviour = Callable[..., Any]
+# A wrapper gets the call's (request or request iterator, context) and the inner behaviour.
+UnaryAround = Callable[[Behaviour], Behaviour]
+
+
+def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
+    """The canonical code and serialized google.rpc.Status (one ErrorInfo) for ``err``."""
+    code = grpc.StatusCode[err.status]
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    return code, status.SerializeToString()
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: BackboneError) -> None:
+    """End the call with ``err``'s status and ErrorInfo (raises, as context.abort does)."""
+    code, details = rich_status(err)
+    await context.abort(code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
+
+
+def _as_backbone_error(exc: BaseException, method: str) -> BackboneError:
+    if isinstance(exc, BackboneError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        err = BackboneError(f"{method} is not implemented by this server")
+        err.status, err.reason = "UNIMPLEMENTED", "NOT_IMPLEMENTED"
+        return err
+    log.exception("unhandled error in %s", method, exc_info=exc)
+    return BackboneError(f"internal error in {method}")  # INTERNAL; no user data in it
+
+
+def _wrap_behaviour(handler: grpc.RpcMethodHandler, around: UnaryAround) -> grpc.RpcMethodHandler:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        fn = getattr(handler, kind)
+        if fn is not None:
+            return handler._replace(**{kind: around(fn)})
+    return handler
+
+
+def _around(method: str, streaming_out: bool, check: Callable[[grpc.aio.ServicerContext], None]):
+    """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status."""
+
+    def wrap(fn: Behaviour) -> Behaviour:
+        if streaming_out:
+
+            async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
+                try:
+                    check(context)
+                    async for response in fn(request, context):
+                        yield response
+                except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                    if _is_abort(exc):
+                        raise
+                    await abort_with(context, _as_backbone_error(exc, method))
+
+            return stream_wrapper
+
+        async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
+            try:
+                check(context)
+                return await fn(request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                if _is_abort(exc):
+                    raise
+                await abort_with(context, _as_backbone_error(exc, method))
+
+        return unary_wrapper
+
+    return wrap
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises grpc.aio.AbortError: the status is already set, let it through.
+    return isinstance(exc, grpc.aio.AbortError)
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token (when configured) before any work, and maps every error
+    a handler raises to a canonical status with exactly one ErrorInfo (never UNKNOWN)."""
+
+    def __init__(self, auth_token: str = "") -> None:
+        self._expected = f"Bearer {auth_token}".encode() if auth_token else b""
+
+    def _checker(self, method: str) -> Callable[[grpc.aio.ServicerContext], None]:
+        if not self._expected or method.startswith(OPEN_METHOD_PREFIXES):
+            return lambda context: None
+        expected = self._expected
+
+        def check(context: grpc.aio.ServicerContext) -> None:
+            got = ""
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    got = value if isinstance(value, str) else value.decode("latin-1")
+                    break
+            if not got:
+                raise Unauthenticated("missing bearer token (authorization metadata)")
+            if not hmac.compare_digest(got.encode(), expected):
+                raise Unauthenticated("invalid bearer token")
+
+        return check
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        around = _around(method, handler.response_streaming, self._checker(method))
+        return _wrap_behaviour(handler, around)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs by method and final code and records their latency."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        def around(fn: Behaviour) -> Behaviour:
+            if handler.response_streaming:
+
+                async def stream_wrapper(request, context):
+                    started = time.perf_counter()
+                    try:
+                        async for response in fn(request, context):
+                            yield response
+                    finally:
+                        metrics.observe_rpc(method, _code_name(context), started)
+
+                return stream_wrapper
+
+            async def unary_wrapper(request, context):
+                started = time.perf_counter()
+                try:
+                    return await fn(request, context)
+                finally:
+                    metrics.observe_rpc(method, _code_name(context), started)
+
+            return unary_wrapper
+
+        return _wrap_behaviour(handler, around)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    try:
+        return grpc.StatusCode(code).name  # some versions report the raw int
+    except ValueError:
+        return str(code)
