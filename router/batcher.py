@@ -43,6 +43,8 @@ class BatchPolicy:
 
     max_batch_size: int = 64
     # How long the oldest item may wait for company while the engine is idle, in seconds.
+    # Applies only while traffic is concurrent (the previous batch held more than one
+    # item): a lone caller on an idle engine is dispatched at once.
     max_wait_s: float = 0.002
     # Padded tokens per batch at most: len(batch) * max(cost in batch). A single item
     # over the budget still runs, alone.
@@ -113,6 +115,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._stopping = False
         self._batches = 0
+        self._last_batch_size = 0
         # Observers (metrics): called with (batch_size, padded_tokens, compute_s).
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -231,7 +234,10 @@ class DynamicBatcher(Generic[In, Out]):
             raise
 
     async def _wait_for_company(self) -> None:
-        """Give the oldest item up to max_wait to be joined, unless the batch is full."""
+        """Give the oldest item up to max_wait to be joined, unless the batch is full or
+        the previous batch ran alone (no sign of concurrent callers)."""
+        if self._last_batch_size <= 1:
+            return
         oldest = self._queue[0].enqueued
         while not self._batch_full():
             remaining = oldest + self.policy.max_wait_s - time.monotonic()
@@ -280,6 +286,7 @@ class DynamicBatcher(Generic[In, Out]):
         started = time.monotonic()
         self._batches += 1
         batch_id = self._batches
+        self._last_batch_size = len(batch)
         try:
             outputs = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.payload for i in batch]

@@ -211,11 +211,25 @@ async def test_stop_resolves_every_waiting_future(make):
     assert not b.healthy()
 
 
-async def test_max_wait_lets_an_idle_engine_collect_a_batch(make):
+async def test_lone_caller_is_dispatched_at_once(make):
     model = GatedModel()
+    b = await make(model, max_batch_size=8, max_wait_s=30.0)
+    out, _ = await asyncio.wait_for(b.submit(["alone"], [1]), timeout=5)
+    assert out == ["ALONE"]
+
+
+async def test_max_wait_gathers_company_once_traffic_is_concurrent(make):
+    model = GatedModel()
+    model.gate.clear()
     b = await make(model, max_batch_size=8, max_wait_s=0.2)
     first = asyncio.create_task(b.submit(["a"], [1]))
+    await wait_entered(model)
+    pair = asyncio.create_task(b.submit(["b", "c"], [1, 1]))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, pair)  # batches [a], [b, c]: traffic is now concurrent
+    late = asyncio.create_task(b.submit(["d"], [1]))
     await asyncio.sleep(0.01)
-    second = asyncio.create_task(b.submit(["b"], [1]))
-    await asyncio.gather(first, second)
-    assert model.batches == [["a", "b"]]
+    later = asyncio.create_task(b.submit(["e"], [1]))
+    await asyncio.gather(late, later)
+    assert model.batches[-1] == ["d", "e"]
