@@ -11,7 +11,8 @@ Invariants:
   ``Overloaded``, ``DeadlineTooShort``, ``Unavailable`` at stop) or cancelled by its caller;
 - items whose caller went away (cancelled) or whose deadline passed are dropped before
   compute;
-- the queue never holds more than ``max_queue`` live items: admission of a request is all
+- the queue never holds more than ``max_queue`` live items, nor (once a batch has been
+  measured) more estimated work than ``max_queue_delay_s``: admission of a request is all
   or nothing, and refusal is immediate;
 - a batch that raises fails only its own items; the loop keeps running;
 - the oldest waiting item is always in the next batch, so no item starves.
@@ -51,12 +52,17 @@ class BatchPolicy:
     token_budget: int = 16384
     # Live items waiting at most; beyond this a request is refused with Overloaded.
     max_queue: int = 1024
+    # Estimated wait before compute at most, in seconds; beyond it a request is refused
+    # with Overloaded. The estimate is the work queued ahead (tokens x the cost of a token
+    # measured on batches at least half full, the regime where queues build) plus what is
+    # left of the running batch. 0 disables the bound; it applies once a cost is known.
+    max_queue_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.token_budget < 1:
             raise ValueError("batch size, queue and token budget must be positive")
-        if self.max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
+        if self.max_wait_s < 0 or self.max_queue_delay_s < 0:
+            raise ValueError("max_wait_s and max_queue_delay_s must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,12 @@ class DynamicBatcher(Generic[In, Out]):
         self._stopping = False
         self._batches = 0
         self._last_batch_size = 0
+        # Seconds of compute per padded token in representative (at least half full)
+        # batches, smoothed; 0 until one ran. Small batches are dominated by fixed costs
+        # and would overstate it.
+        self._seconds_per_token = 0.0
+        # When the running batch is expected to end (time.monotonic()), or 0 when idle.
+        self._running_until = 0.0
         # Observers (metrics): called with (batch_size, padded_tokens, compute_s).
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -172,6 +184,12 @@ class DynamicBatcher(Generic[In, Out]):
                     f"{self.name} queue is full",
                     metadata={"max_queue": self.policy.max_queue},
                 )
+        delay = self.estimated_delay_s()
+        if self.policy.max_queue_delay_s and delay > self.policy.max_queue_delay_s:
+            raise Overloaded(
+                f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",
+                metadata={"max_queue_delay_ms": round(self.policy.max_queue_delay_s * 1000)},
+            )
         loop = asyncio.get_running_loop()
         items = [
             _Item(p, max(1, int(c)), loop.create_future(), deadline)
@@ -193,6 +211,18 @@ class DynamicBatcher(Generic[In, Out]):
             batch_size=max(s.batch_size for s in served),
         )
         return [s.value for s in served], timing
+
+    def _representative(self, size: int, padded: int) -> bool:
+        half_full = size >= max(2, self.policy.max_batch_size // 2)
+        return half_full or padded >= self.policy.token_budget // 2
+
+    def estimated_delay_s(self) -> float:
+        """Expected wait of a newly queued item before its batch starts, in seconds."""
+        if not self._seconds_per_token:
+            return 0.0
+        queued_tokens = sum(i.cost for i in self._queue if not i.future.done())
+        running_left = max(0.0, self._running_until - time.monotonic())
+        return running_left + queued_tokens * self._seconds_per_token
 
     # -- the loop ------------------------------------------------------------------
 
@@ -287,6 +317,8 @@ class DynamicBatcher(Generic[In, Out]):
         self._batches += 1
         batch_id = self._batches
         self._last_batch_size = len(batch)
+        padded = len(batch) * max(i.cost for i in batch)
+        self._running_until = started + padded * self._seconds_per_token
         try:
             outputs = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.payload for i in batch]
@@ -296,14 +328,22 @@ class DynamicBatcher(Generic[In, Out]):
                     f"{self.name}: run_batch returned {len(outputs)} outputs for {len(batch)}"
                 )
         except Exception as exc:  # the batch's own failure: only its callers see it
+            self._running_until = 0.0
             log.error("batch of %d in %s failed: %r", len(batch), self.name, exc)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
         compute_s = time.monotonic() - started
+        self._running_until = 0.0
+        if self._representative(len(batch), padded):
+            per_token = compute_s / padded
+            self._seconds_per_token = (
+                per_token if not self._seconds_per_token
+                else 0.8 * self._seconds_per_token + 0.2 * per_token
+            )
         if self.on_batch is not None:
-            self.on_batch(len(batch), len(batch) * max(i.cost for i in batch), compute_s)
+            self.on_batch(len(batch), padded, compute_s)
         for item, value in zip(batch, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(

@@ -10,6 +10,7 @@ time: ``load_config`` takes the mapping it should read.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -64,6 +65,9 @@ class EmbeddingConfig:
     token_budget: int = 16384
     # Texts waiting in the queue at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_queue: int = 1024
+    # Estimated queue wait at most (measured cost of the queued tokens), in milliseconds;
+    # beyond, RESOURCE_EXHAUSTED/OVERLOADED at once. 0 disables this bound.
+    max_queue_delay_ms: float = 50.0
     # Input limits, checked before any work.
     max_inputs: int = 256
     max_text_chars: int = 32768
@@ -82,6 +86,16 @@ class SearchConfig:
     embedding_address: str = ""
     max_top_k: int = 1000
     max_points_per_request: int = 1024
+    # Snapshot a collection once its log exceeds this many bytes and also
+    # snapshot_log_ratio times its last snapshot's size (amortises snapshot cost).
+    snapshot_min_log_bytes: int = 64 * 1024 * 1024
+    snapshot_log_ratio: float = 1.0
+    # Threads running FAISS calls (searches run concurrently; writes are serialised).
+    workers: int = 4
+    # OpenMP threads per FAISS call (batched searches, index builds); 0: FAISS default.
+    faiss_threads: int = 0
+    # Chunks embedded (and upserted) together during ingestion.
+    ingest_batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,11 @@ class RerankConfig:
     max_queue: int = 4096
     max_documents: int = 1000
     max_text_chars: int = 8192
+    # (rerank helper) Torch device of the rerank model.
+    device: str = "cpu"
+    # (rerank helper) maxsim: LRU cache of document vectors, in MiB; 0 disables it. A
+    # document reranked again (any query) then costs no model time. ~0.2 MiB per passage.
+    doc_cache_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,24 @@ class GenerationConfig:
     max_prompt_chars: int = 65536
     # Requests waiting for the engine at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_waiting: int = 256
+    # -- generation hop engine options (server/engines/generator.py ModelSpec) --
+    # Sequences the engine runs at once (vLLM max_num_seqs); more wait, up to max_waiting.
+    max_running: int = 32
+    # Weights/activations dtype: "auto" (the checkpoint's; bfloat16 on CPU), "float32"...
+    dtype: str = "auto"
+    # KV cache per model in GiB of host memory (CPU) or device memory (GPU).
+    kv_cache_gib: float = 2.0
+    # Run without torch.compile: engine start in seconds instead of minutes on CPU.
+    enforce_eager: bool = True
+    # vLLM CPU only: OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): "auto" binds one
+    # core per worker and leaves the rest to the scheduler/server; "nobind"; or "0-3".
+    cpu_omp_threads_bind: str = "auto"
+    # Engine steps between streamed outputs (vLLM stream_interval); 1 = every token.
+    stream_interval: int = 1
+    # Further models served by this process, selected by GenerateRequest.model: a TOML
+    # array of tables ([[generation.extra_models]] name = "...", model_dir = "...",
+    # engine = "...", any field above), or the same as a JSON string (env / --set).
+    extra_models: Any = ()
 
 
 @dataclass(frozen=True)
@@ -131,34 +168,52 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; raised before the server starts."""
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off", ""}:
-                return False
-            raise ValueError(value)
-        if typ in (int, float, str):
-            return typ(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: cannot read {value!r} as {typ.__name__}") from exc
-    return value
+def _coerce(value: Any, typ: Any, where: str, *, text_ok: bool = True) -> Any:
+    """``value`` as ``typ``. Text (env, flags) is parsed when ``text_ok``; typed values (TOML)
+    must already have the type (an int is a float), never bool for a number or vice versa."""
+    if typ not in (str, int, float, bool):
+        return value
+    if typ is str and isinstance(value, os.PathLike) and text_ok:
+        return os.fspath(value)
+    if isinstance(value, str) and typ is not str and text_ok:
+        try:
+            if typ is bool:
+                text = value.strip().lower()
+                if text in {"1", "true", "yes", "on"}:
+                    return True
+                if text in {"0", "false", "no", "off", ""}:
+                    return False
+                raise ValueError(value)
+            if typ in (int, float):
+                return typ(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: cannot read {value!r} as {typ.__name__}") from exc
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif type(value) is typ:
+        return value
+    raise ConfigError(f"{where}: {value!r} is not a {typ.__name__}")
 
 
-def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Mapping[str, Any]]) -> None:
+def _merge(
+    base: dict[str, dict[str, Any]],
+    layer: Mapping[str, Mapping[str, Any]],
+    *,
+    text_ok: bool = True,
+) -> None:
     sections = {f.name for f in dataclasses.fields(Config)}
     for section, values in layer.items():
         if section not in sections:
             raise ConfigError(f"unknown config section [{section}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section [{section}] must be a table")
         known = typing.get_type_hints(_section_type(section))
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"unknown config key {section}.{key}")
-            base.setdefault(section, {})[key] = _coerce(value, known[key], f"{section}.{key}")
+            base.setdefault(section, {})[key] = _coerce(
+                value, known[key], f"{section}.{key}", text_ok=text_ok
+            )
 
 
 def _section_type(section: str) -> type:
@@ -185,7 +240,11 @@ def load_config(
     merged: dict[str, dict[str, Any]] = {}
     if path:
         with open(path, "rb") as fh:
-            _merge(merged, tomllib.load(fh))
+            try:
+                document = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+        _merge(merged, document, text_ok=False)  # TOML is typed: no parsing of strings
     if environ is not None:
         _merge(merged, env_layer(environ))
     if overrides:
@@ -207,6 +266,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("server.tls_client_ca (mTLS) needs server.tls_cert and tls_key")
     if not 0 <= s.port < 65536:
         raise ConfigError(f"server.port {s.port} is not a port")
+    # gRPC reads a negative limit as "unlimited": the cap must stay a real cap.
+    if s.max_message_bytes <= 0:
+        raise ConfigError(f"server.max_message_bytes {s.max_message_bytes} must be positive")
+    if s.grace_seconds < 0:
+        raise ConfigError(f"server.grace_seconds {s.grace_seconds} must be >= 0")
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:

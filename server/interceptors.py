@@ -7,6 +7,7 @@ Each interceptor wraps the method handler's behaviour function, whatever its ari
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
-from server.errors import ERROR_DOMAIN, BackboneError, Unauthenticated
+from server.errors import ERROR_DOMAIN, BackboneError, NotImplementedYet, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ def _as_backbone_error(exc: BaseException, method: str) -> BackboneError:
     if isinstance(exc, BackboneError):
         return exc
     if isinstance(exc, NotImplementedError):
-        err = BackboneError(f"{method} is not implemented by this server")
-        err.status, err.reason = "UNIMPLEMENTED", "NOT_IMPLEMENTED"
-        return err
+        return NotImplementedYet(f"{method} is not implemented by this server")
     log.exception("unhandled error in %s", method, exc_info=exc)
     return BackboneError(f"internal error in {method}")  # INTERNAL; no user data in it
 
@@ -71,7 +70,7 @@ def _around(method: str, streaming_out: bool, check: Callable[[grpc.aio.Servicer
     """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status."""
 
     def wrap(fn: Behaviour) -> Behaviour:
-        if streaming_out:
+        if _yields_responses(fn, streaming_out):
 
             async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
                 try:
@@ -97,6 +96,13 @@ def _around(method: str, streaming_out: bool, check: Callable[[grpc.aio.Servicer
         return unary_wrapper
 
     return wrap
+
+
+def _yields_responses(fn: Behaviour, streaming_out: bool) -> bool:
+    """True when ``fn`` streams by yielding; False when it is awaited (unary responses, or
+    streams written with ``context.write`` such as grpc.health.v1 Watch). gRPC picks the
+    same way (a coroutine function is awaited), so a wrapper must keep the inner's style."""
+    return streaming_out and not inspect.iscoroutinefunction(fn)
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -152,7 +158,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         def around(fn: Behaviour) -> Behaviour:
-            if handler.response_streaming:
+            if _yields_responses(fn, handler.response_streaming):
 
                 async def stream_wrapper(request, context):
                     started = time.perf_counter()

@@ -110,6 +110,7 @@ class EmbeddingHop:
         policy = BatchPolicy(
             max_batch_size=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+            max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
         )
         self._batcher = DynamicBatcher("embed", self._run_batch, policy)
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)

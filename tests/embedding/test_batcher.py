@@ -233,3 +233,30 @@ async def test_max_wait_gathers_company_once_traffic_is_concurrent(make):
     later = asyncio.create_task(b.submit(["e"], [1]))
     await asyncio.gather(late, later)
     assert model.batches[-1] == ["d", "e"]
+
+
+async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
+    """Once a batch has been measured, admission is bounded by estimated wait, not count."""
+    model = GatedModel()
+    def slow(items):  # enters (and may be held at the gate), then takes 0.4 s
+        out = model(items)
+        time.sleep(0.4)
+        return out
+
+    b = await make(slow, max_batch_size=2, max_wait_s=0.0, max_queue_delay_s=0.6)
+    await b.submit(["alone"], [10])  # a lone item is no measure of batched cost
+    assert b.estimated_delay_s() == 0.0
+    await b.submit(["measure", "me"], [5, 5])  # 10 padded tokens took ~0.4 s
+    model.gate.clear()
+    model.entered.clear()
+    running = asyncio.create_task(b.submit(["run"], [10]))
+    await wait_entered(model)
+    admitted = asyncio.create_task(b.submit(["fits"], [10]))  # <= 0.4 s ahead of it: admitted
+    await asyncio.sleep(0)
+    assert b.estimated_delay_s() > 0.6
+    with pytest.raises(Overloaded) as info:
+        await b.submit(["too much"], [10])
+    assert info.value.metadata == {"max_queue_delay_ms": "600"}
+    model.gate.set()
+    await asyncio.gather(running, admitted)
+    assert b.estimated_delay_s() == 0.0
