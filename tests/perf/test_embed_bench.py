@@ -1,0 +1,105 @@
+"""perf.embed_bench: server processes, the CLI end to end on the echo floor, the figures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from perf import embed_bench
+from perf.embed_bench import REPO_ROOT, markdown_report, run_figures, start_backbone_server, start_echo_server, summarize
+
+
+def test_echo_server_process_and_loadgen_cli_write_the_result(tmp_path) -> None:
+    echo = start_echo_server(tmp_path)
+    try:
+        out = tmp_path / "echo.json"
+        subprocess.run(
+            [
+                sys.executable, "-m", "perf.loadgen", "echo", "--target", echo.target,
+                "--rate", "30", "--duration", "1", "--warmup", "0.2", "--no-progress",
+                "--server-pid", str(echo.pid), "--json-out", str(out),
+            ],
+            cwd=REPO_ROOT, check=True, timeout=60,
+        )
+        result = json.loads(out.read_text())
+    finally:
+        echo.stop()
+    assert echo.proc.returncode is not None  # stopped
+    assert result["errors_by_status"] == {} and result["counts"]["ok"] > 0
+    assert result["client"]["event_loop"] == "uvloop"
+    assert result["client"]["pid"] != echo.pid  # the client ran in its own process
+    server = result["server"]
+    assert server["pid"] == echo.pid and not server["exited"]
+    assert 0 < server["rss_mb"]["start"] <= server["rss_mb"]["max"]
+
+
+def test_a_server_that_dies_at_startup_is_reported(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        start_backbone_server("{python} -c 'import sys; sys.exit(3)'", tmp_path, "x", startup_timeout_s=30)
+
+
+def _phases() -> dict:
+    def load(rps, p50, p99, counts=None, errors=None, rss=(500.0, 510.0), rate=None, items=1):
+        counts = counts or {"issued": 100, "ok": 100, "errors": 0, "dropped_by_client": 0}
+        return {
+            "throughput_rps": rps, "items_per_s": rps * items, "target_rate_rps": rate,
+            "latency_ms": {"p50": p50, "p99": p99}, "latency_by_status_ms": {},
+            "counts": counts, "errors_by_status": errors or {},
+            "server": {"rss_mb": {"start": rss[0], "max": rss[1]}},
+        }
+
+    return {
+        "baseline": {"best": {"texts_per_s": 100.0, "batch_size": 32}, "single_text_p50_ms": 10.0},
+        "echo_closed": load(2000.0, 20.0, 40.0),
+        "embed_single": load(80.0, 11.5, 20.0),
+        "embed_saturation": load(95.0, 600.0, 900.0),
+        "embed_half": load(47.5, 30.0, 80.0, rate=47.5),
+        "embed_overload": load(
+            95.0, 35.0, 36.0, rate=285.0,
+            counts={"issued": 1000, "ok": 300, "errors": 700, "dropped_by_client": 0},
+            errors={"RESOURCE_EXHAUSTED": 700},
+        ),
+    }
+
+
+def test_figures_are_ratios_within_the_run() -> None:
+    figures = run_figures(_phases())
+    assert figures["throughput_ratio"] == pytest.approx(0.95)
+    assert figures["single_overhead_ms"] == pytest.approx(1.5)
+    assert figures["overload_answered_pct"] == pytest.approx(100.0)
+    assert figures["overload_p99_vs_single_p99"] == pytest.approx(1.8)
+    assert figures["overload_rss_growth"] == pytest.approx(0.02)
+    summary = summarize([{"run": 1, "phases": _phases(), "figures": figures}])
+    assert all(summary["pass"].values()), summary["pass"]
+
+
+def test_an_unanswered_request_or_a_slow_tail_fails_its_claim() -> None:
+    good = _phases()
+    bad = copy.deepcopy(good)
+    bad["embed_overload"]["counts"]["ok"] = 299
+    bad["embed_overload"]["errors_by_status"]["DEADLINE_EXCEEDED"] = 1
+    bad["embed_half"]["latency_ms"]["p99"] = 150.0
+    runs = [
+        {"run": i, "phases": p, "figures": run_figures(p)} for i, p in enumerate([good, bad, good], 1)
+    ]
+    summary = summarize(runs)
+    # One unanswered request in any run fails; the p99 claim uses the median run.
+    assert summary["pass"]["overload_all_answered"] is False
+    assert summary["pass"]["half_load_p99"] is True
+    meta = {
+        "started_at": "t", "host": {"cpus": 2}, "duration": 1, "warmup": 0, "concurrency": 64,
+        "half_load": 0.5, "overload": 3.0, "server_command": "cmd", "plot_note": "no plot",
+    }
+    report = markdown_report(summary, runs, meta)
+    assert "| claim | measured (median) | target | pass |" in report
+    assert report.count("\n| 2 |") == 1  # one row per run
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails like when absent
+    note = embed_bench.plot_latency_vs_load([], tmp_path / "p.png")
+    assert "skipped" in note and not (tmp_path / "p.png").exists()
