@@ -207,6 +207,8 @@ BY_REASON: dict[tuple[grpc.StatusCode, str], type[BackboneRpcError]] = {
     (_S.UNAUTHENTICATED, "UNAUTHENTICATED"): UnauthenticatedError,
     (_S.UNIMPLEMENTED, "NOT_IMPLEMENTED"): UnimplementedError,
     (_S.INTERNAL, "INTERNAL"): InternalError,
+    (_S.CANCELLED, "CANCELLED"): CancelledRpcError,
+    (_S.NOT_FOUND, "NOT_FOUND"): NotFoundError,
 }
 
 

@@ -39,10 +39,10 @@ class InvalidArgument(BackboneError):
 
 
 class NotFound(BackboneError):
-    """An unknown collection, model or request id."""
+    """An unknown collection, model or request id (give the specific reason)."""
 
     status = "NOT_FOUND"
-    reason = "INVALID_INPUT"
+    reason = "NOT_FOUND"
 
 
 class AlreadyExists(BackboneError):
@@ -91,4 +91,4 @@ class Cancelled(BackboneError):
     """The caller went away; the work was dropped."""
 
     status = "CANCELLED"
-    reason = "INVALID_INPUT"
+    reason = "CANCELLED"
