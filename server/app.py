@@ -190,7 +190,7 @@ class BackboneServer:
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD_S)
             for hop in self.hops:
-                if hop.name in down or hop.healthy():
+                if hop.name in down or _reports_healthy(hop):
                     continue
                 down.add(hop.name)
                 log.error("hop %s is unhealthy; reporting NOT_SERVING", hop.name)
@@ -215,6 +215,15 @@ class BackboneServer:
         """Block until the gRPC server ends."""
         assert self._server is not None
         await self._server.wait_for_termination()
+
+
+def _reports_healthy(hop: Hop) -> bool:
+    """``hop.healthy()``, where a raising check counts as unhealthy (the watchdog must live)."""
+    try:
+        return bool(hop.healthy())
+    except Exception:  # noqa: BLE001 - a broken check is a sick hop, not a dead watchdog
+        log.exception("health check of hop %s raised", hop.name)
+        return False
 
 
 def hops_for(names: Iterable[str]) -> list[Hop]:

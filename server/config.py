@@ -10,6 +10,7 @@ time: ``load_config`` takes the mapping it should read.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 import typing
@@ -271,6 +272,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"server.max_message_bytes {s.max_message_bytes} must be positive")
     if s.grace_seconds < 0:
         raise ConfigError(f"server.grace_seconds {s.grace_seconds} must be >= 0")
+    if not isinstance(logging.getLevelName(s.log_level.upper()), int):
+        raise ConfigError(f"server.log_level {s.log_level!r} is not a logging level")
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:
