@@ -93,10 +93,19 @@ class SearchConfig:
     snapshot_log_ratio: float = 1.0
     # Threads running FAISS calls (searches run concurrently; writes are serialised).
     workers: int = 4
-    # OpenMP threads per FAISS call (batched searches, index builds); 0: FAISS default.
-    faiss_threads: int = 0
+    # OpenMP threads per FAISS search call. 1 by default: concurrent callers already keep
+    # the cores busy, and OpenMP spin-waiting steals them from the gRPC event loop.
+    faiss_threads: int = 1
+    # OpenMP threads for index writes (HNSW inserts, IVF training); 0: every core.
+    faiss_build_threads: int = 0
     # Chunks embedded (and upserted) together during ingestion.
     ingest_batch_size: int = 64
+    # Concurrent dense searches are batched onto one FAISS call: at most this many
+    # queries, waiting at most this long for company (only under concurrent traffic).
+    search_batch_max: int = 64
+    search_batch_wait_ms: float = 0.5
+    # Dense queries waiting for the index at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    max_search_queue: int = 4096
 
 
 @dataclass(frozen=True)
@@ -113,11 +122,15 @@ class RerankConfig:
     max_queue: int = 4096
     max_documents: int = 1000
     max_text_chars: int = 8192
-    # (rerank helper) Torch device of the rerank model.
+    # Torch device of the rerank model.
     device: str = "cpu"
-    # (rerank helper) maxsim: LRU cache of document vectors, in MiB; 0 disables it. A
+    # maxsim: LRU cache of document vectors, in MiB; 0 disables it. A
     # document reranked again (any query) then costs no model time. ~0.2 MiB per passage.
     doc_cache_mb: int = 256
+    # Estimated wait before compute at most, in ms; beyond it a request is
+    # refused with RESOURCE_EXHAUSTED/OVERLOADED. 0 (default) disables the bound: one
+    # request of 32 passages is about a second of model time on a 2-core CPU.
+    max_queue_delay_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,8 @@ class GenerationConfig:
     # -- generation hop engine options (server/engines/generator.py ModelSpec) --
     # Sequences the engine runs at once (vLLM max_num_seqs); more wait, up to max_waiting.
     max_running: int = 32
-    # Weights/activations dtype: "auto" (the checkpoint's; bfloat16 on CPU), "float32"...
+    # Weights/activations dtype: "auto" (vLLM's choice, but float32 on CPUs without
+    # AVX512-BF16, where bfloat16 is slow), "float32", "bfloat16", "float16".
     dtype: str = "auto"
     # KV cache per model in GiB of host memory (CPU) or device memory (GPU).
     kv_cache_gib: float = 2.0
