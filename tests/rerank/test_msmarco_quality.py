@@ -1,0 +1,98 @@
+"""Rerank quality on the MS MARCO subset: the default engine against the dense order.
+
+For each of the 50 queries, the dense top-100 (the bundled MiniLM's sentence embeddings,
+exact cosine search over the 5,000 passages, computed here in-process) is reranked through
+a real server with the default engine, built from the default config. nDCG@10 after reranking is computed beside the
+dense order's, in this test, and must not be lower. Queries without judgements count 0
+for both orders. The table is printed (run with -s) for the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import defaultdict
+
+import grpc
+import numpy as np
+import pytest
+
+from backbone.v1 import rerank_service_pb2 as pb
+from backbone.v1 import rerank_service_pb2_grpc as pb_grpc
+from server.servicers.rerank import RerankHop
+from tests.conftest import make_config, running
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+CANDIDATES = 100
+
+
+def ndcg_at_10(ranking: list[str], grades: dict[str, int], exponential: bool) -> float:
+    """nDCG@10 with gain 2^g - 1 (exponential) or g (linear) and log2(rank + 1) discounts."""
+    gain = (lambda g: 2.0**g - 1.0) if exponential else float
+    dcg = sum(gain(grades.get(doc, 0)) / math.log2(i + 2) for i, doc in enumerate(ranking[:10]))
+    ideal = sorted((g for g in grades.values() if g > 0), reverse=True)[:10]
+    idcg = sum(gain(g) / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def load(msmarco_dir):
+    corpus = [json.loads(line) for line in open(msmarco_dir / "corpus.jsonl", encoding="utf-8")]
+    queries = [json.loads(line) for line in open(msmarco_dir / "queries.jsonl", encoding="utf-8")]
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    for line in open(msmarco_dir / "qrels" / "test.tsv", encoding="utf-8"):
+        qid, did, grade = line.rstrip("\n").split("\t")
+        if grade.isdigit():
+            qrels[qid][did] = int(grade)
+    return corpus, queries, qrels
+
+
+def dense_top(corpus, queries) -> np.ndarray:
+    """(queries, CANDIDATES) corpus positions: exact cosine order of the bundled MiniLM."""
+    from sentence_transformers import SentenceTransformer
+
+    from server.engines.embedder import bundled_model_path
+
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
+    docs = model.encode([d["text"] for d in corpus], batch_size=64, normalize_embeddings=True)
+    qv = model.encode([q["text"] for q in queries], batch_size=64, normalize_embeddings=True)
+    return np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :CANDIDATES]
+
+
+async def test_default_engine_reranking_is_not_worse_than_dense(msmarco_dir):
+    corpus, queries, qrels = load(msmarco_dir)
+    assert len(corpus) == 5000 and len(queries) == 50
+    top = await asyncio.to_thread(dense_top, corpus, queries)
+
+    # The hop builds its engine from the default config (document cache on, as served).
+    async with running(make_config(), [RerankHop()]) as server:
+        assert server.hops[0].model_name == "maxsim-all-MiniLM-L6-v2"
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.RerankServiceStub(channel)
+            gate = asyncio.Semaphore(4)
+
+            async def rerank(row: np.ndarray, query: str) -> list[int]:
+                async with gate:
+                    response = await stub.Rerank(pb.RerankRequest(
+                        query=query, documents=[corpus[j]["text"] for j in row]), timeout=1800)
+                assert len(response.results) == CANDIDATES
+                return [int(row[r.index]) for r in response.results]
+
+            reranked = await asyncio.gather(*(rerank(top[i], q["text"]) for i, q in enumerate(queries)))
+
+    rows = []
+    for name, exponential in (("nDCG@10 (gain 2^g-1)", True), ("nDCG@10 (gain g)", False)):
+        dense = [ndcg_at_10([corpus[j]["_id"] for j in top[i]], qrels[q["_id"]], exponential)
+                 for i, q in enumerate(queries)]
+        rr = [ndcg_at_10([corpus[j]["_id"] for j in reranked[i]], qrels[q["_id"]], exponential)
+              for i, q in enumerate(queries)]
+        rows.append((name, float(np.mean(dense)), float(np.mean(rr)),
+                     sum(b > a + 1e-12 for a, b in zip(dense, rr)),
+                     sum(b < a - 1e-12 for a, b in zip(dense, rr))))
+    print("\n| metric (50 queries, dense top-100) | dense order | reranked (default engine) | queries up | queries down |")
+    print("|---|---|---|---|---|")
+    for name, dense_mean, rr_mean, up, down in rows:
+        print(f"| {name} | {dense_mean:.4f} | {rr_mean:.4f} | {up} | {down} |")
+    for name, dense_mean, rr_mean, _, _ in rows:
+        assert rr_mean >= dense_mean, f"{name}: reranked {rr_mean:.4f} < dense {dense_mean:.4f}"
