@@ -1,0 +1,541 @@
+"""The generation hop's core: the ``Generator`` protocol, its domain types, request
+validation against per-model caps, admission, and the per-request flow.
+
+No grpc here. The servicer converts protobuf to these types and back; engines
+(``vllm_engine``, ``trtllm_engine``) implement :class:`Generator`.
+
+The flow of one request (:meth:`ServedModel.stream`):
+
+1. :func:`validate_request` - shape, sizes and sampling ranges; pure and cheap, so bad
+   input is refused before any tokenizer or engine work;
+2. :class:`AdmissionGate` - at most ``max_running + max_waiting`` requests in the engine;
+   beyond, a fast ``Overloaded`` (RESOURCE_EXHAUSTED / OVERLOADED);
+3. prompt rendering (chat template) and tokenisation, then :func:`fit_to_context`;
+4. the engine's token stream, timed (TTFT from receipt, time per output token).
+
+Leaving the stream early (the caller cancelled, disconnected or ran out of deadline)
+raises ``CancelledError``/``GeneratorExit`` inside the engine's iterator, whose cleanup
+aborts the sequence in the engine; the gate slot is released on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from server.errors import InvalidArgument, NotFound, Overloaded, Unavailable
+
+if TYPE_CHECKING:
+    from server.config import GenerationConfig
+
+FinishReason = Literal["stop", "length", "abort"]
+
+#: max_tokens when the request leaves it unset (proto: "Default 256").
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 128
+MAX_TOP_K = 1000
+MAX_MESSAGES = 256
+MAX_REQUEST_ID_CHARS = 128
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+#: Prompts longer than this many characters are tokenised off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+#: Model name the router uses for "choose for me"; served as the default model here.
+AUTO_MODEL = "auto"
+
+#: Engine name -> "module:class" of its Generator. Imported only when used.
+ENGINES: dict[str, str] = {
+    "vllm": "server.engines.vllm_engine:VllmGenerator",
+    "tensorrt_llm": "server.engines.trtllm_engine:TrtLlmGenerator",
+}
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters; ``None`` means "the default" (documented in the proto)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0 disables top-k.
+    top_k: int = 0
+    # None: DEFAULT_MAX_TOKENS, shortened to what the context leaves.
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt or chat messages (exactly one of them), with sampling parameters."""
+
+    request_id: str
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Per-model caps, checked before any work."""
+
+    max_tokens_cap: int = 1024
+    max_context_tokens: int = 2048
+    max_prompt_chars: int = 65536
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New output since the previous event: text (may be empty mid-character) and ids."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GenerationFinal:
+    """The end of a stream. Engines fill the counts and engine timings; the core adds
+    ``ttft_s``/``tpot_s``/``total_s`` measured from the request's receipt."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    # Waiting for the engine to schedule the request.
+    queue_s: float = 0.0
+    # From scheduling to the last token.
+    compute_s: float = 0.0
+    # Sequences the engine was running together when this one finished (>= 1).
+    batch_size: int = 1
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    total_s: float = 0.0
+
+
+GenerationEvent = TokenDelta | GenerationFinal
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """One loaded model in one engine. Implementations: vLLM, TensorRT-LLM."""
+
+    #: "vllm" or "tensorrt_llm".
+    engine: str
+
+    async def start(self) -> None:
+        """Load the model and warm it with one real generation; raise if it cannot serve."""
+
+    async def stop(self) -> None:
+        """Abort what runs and release the engine (processes, memory)."""
+
+    def prompt_token_ids(self, prompt: str, messages: Sequence[ChatTurn]) -> list[int]:
+        """Tokenise a raw prompt, or render ``messages`` with the chat template and
+        tokenise that. Blocking; the core runs long prompts off the event loop."""
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[GenerationEvent]:
+        """Stream deltas then exactly one :class:`GenerationFinal`. ``params.max_tokens``
+        is set. Closing the iterator early aborts the sequence in the engine."""
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request; False when it is not running here."""
+
+    def num_unfinished(self) -> int:
+        """Requests the engine still tracks (waiting or running)."""
+
+    def healthy(self) -> bool:
+        """False once the engine died."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its name, engine, weights and caps (from config)."""
+
+    name: str
+    engine: str = "vllm"
+    # HF directory; empty: the bundled SmolLM2 (converted on first use).
+    model_dir: str = ""
+    limits: ModelLimits = field(default_factory=ModelLimits)
+    max_running: int = 32
+    max_waiting: int = 256
+    # Engine options (see GenerationConfig for their meaning).
+    dtype: str = "auto"
+    kv_cache_gib: float = 2.0
+    enforce_eager: bool = True
+    cpu_omp_threads_bind: str = "auto"
+    stream_interval: int = 1
+    seed: int = 0
+
+
+def _spec_from(values: Mapping[str, Any], base: ModelSpec) -> ModelSpec:
+    limits_keys = {"max_tokens_cap", "max_context_tokens", "max_prompt_chars"}
+    spec_keys = {f for f in ModelSpec.__dataclass_fields__ if f != "limits"}
+    unknown = set(values) - limits_keys - spec_keys
+    if unknown:
+        raise ValueError(f"unknown generation model keys: {sorted(unknown)}")
+    limits = replace(base.limits, **{k: int(v) for k, v in values.items() if k in limits_keys})
+    fields = {k: v for k, v in values.items() if k in spec_keys}
+    types = {"max_running": int, "max_waiting": int, "kv_cache_gib": float, "seed": int}
+    fields = {k: types.get(k, lambda x: x)(v) for k, v in fields.items()}
+    spec = replace(base, limits=limits, **fields)
+    if not spec.name:
+        raise ValueError("every generation model needs a name")
+    return spec
+
+
+def model_specs(config: GenerationConfig) -> list[ModelSpec]:
+    """The models a process serves: the default one first, then ``extra_models``.
+
+    ``extra_models`` is a list of tables (TOML ``[[generation.extra_models]]``) or the
+    same as a JSON string (environment / ``--set``); each names ``name`` and optionally
+    any :class:`ModelSpec` field or cap, defaulting to the main section's values.
+    """
+    default = ModelSpec(
+        name=config.model_name,
+        engine=config.engine,
+        model_dir=config.model_dir,
+        limits=ModelLimits(
+            max_tokens_cap=config.max_tokens_cap,
+            max_context_tokens=config.max_context_tokens,
+            max_prompt_chars=config.max_prompt_chars,
+        ),
+        max_running=config.max_running,
+        max_waiting=config.max_waiting,
+        dtype=config.dtype,
+        kv_cache_gib=config.kv_cache_gib,
+        enforce_eager=config.enforce_eager,
+        cpu_omp_threads_bind=config.cpu_omp_threads_bind,
+        stream_interval=config.stream_interval,
+    )
+    extra = config.extra_models
+    if isinstance(extra, str):
+        extra = json.loads(extra) if extra.strip() else []
+    specs = [default] + [_spec_from(values, replace(default, name="")) for values in extra]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate generation model names: {names}")
+    for spec in specs:
+        if spec.engine not in ENGINES:
+            raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
+        if spec.limits.max_tokens_cap >= spec.limits.max_context_tokens:
+            raise ValueError(f"model {spec.name!r}: max_tokens_cap must be < context")
+    return specs
+
+
+def engine_class(engine: str) -> type:
+    """The Generator class of ``engine`` (imports its module; may raise ImportError)."""
+    module, _, cls = ENGINES[engine].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def engine_unavailable_reason(engine: str) -> str | None:
+    """Why ``engine`` cannot load in this environment, or None when it can."""
+    try:
+        cls = engine_class(engine)
+    except ImportError as exc:
+        return f"{engine}: {exc}"
+    check = getattr(cls, "unavailable_reason", None)
+    return check() if check else None
+
+
+def build_generator(spec: ModelSpec) -> Generator:
+    """A not-yet-started Generator for ``spec``."""
+    return engine_class(spec.engine)(spec)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _bad_sampling(name: str, value: object, allowed: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"sampling.{name}={value!r} is outside {allowed}",
+        reason="INVALID_SAMPLING",
+        metadata={"field": f"sampling.{name}", "allowed": allowed},
+    )
+
+
+def _in_range(value: float, low: float, high: float, *, low_open: bool = False) -> bool:
+    # NaN compares False everywhere, so it fails here too.
+    if not math.isfinite(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
+def validate_params(params: GenerationParams, limits: ModelLimits) -> None:
+    """Raise InvalidArgument for a sampling value outside the contract's ranges."""
+    if not _in_range(params.temperature, 0.0, 2.0):
+        raise _bad_sampling("temperature", params.temperature, "[0, 2]")
+    if not _in_range(params.top_p, 0.0, 1.0, low_open=True):
+        raise _bad_sampling("top_p", params.top_p, "(0, 1]")
+    if not 0 <= params.top_k <= MAX_TOP_K:
+        raise _bad_sampling("top_k", params.top_k, f"[0, {MAX_TOP_K}]")
+    if not _in_range(params.repetition_penalty, 0.0, 2.0, low_open=True):
+        raise _bad_sampling("repetition_penalty", params.repetition_penalty, "(0, 2]")
+    if not _in_range(params.presence_penalty, -2.0, 2.0):
+        raise _bad_sampling("presence_penalty", params.presence_penalty, "[-2, 2]")
+    if not _in_range(params.frequency_penalty, -2.0, 2.0):
+        raise _bad_sampling("frequency_penalty", params.frequency_penalty, "[-2, 2]")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise _bad_sampling("stop", f"{len(params.stop)} strings", f"at most {MAX_STOP_STRINGS}")
+    for stop in params.stop:
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise _bad_sampling("stop", stop[:16], f"1-{MAX_STOP_CHARS} characters")
+    if params.max_tokens is not None:
+        if params.max_tokens < 1:
+            raise _bad_sampling("max_tokens", params.max_tokens, "at least 1")
+        if params.max_tokens > limits.max_tokens_cap:
+            raise InvalidArgument(
+                f"max_tokens {params.max_tokens} exceeds this model's cap "
+                f"{limits.max_tokens_cap}",
+                reason="CONTEXT_LENGTH_EXCEEDED",
+                metadata={"max_tokens": params.max_tokens, "cap": limits.max_tokens_cap},
+            )
+
+
+def validate_input(prompt: str, messages: Sequence[ChatTurn], limits: ModelLimits) -> None:
+    """Raise InvalidArgument unless there is exactly one non-empty, bounded input."""
+    if prompt and messages:
+        raise InvalidArgument("give a prompt or messages, not both")
+    if not prompt and not any(m.content for m in messages):
+        raise InvalidArgument("the prompt is empty", reason="EMPTY_INPUT")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(
+            f"{len(messages)} messages; at most {MAX_MESSAGES}",
+            reason="TOO_MANY_INPUTS",
+            metadata={"limit": MAX_MESSAGES},
+        )
+    for turn in messages:
+        if turn.role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"unknown chat role {turn.role[:32]!r}; use {sorted(CHAT_ROLES)}",
+                metadata={"field": "messages.role"},
+            )
+    chars = len(prompt) + sum(len(m.content) for m in messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidArgument(
+            f"the prompt has {chars} characters; at most {limits.max_prompt_chars}",
+            reason="INPUT_TOO_LARGE",
+            metadata={"chars": chars, "limit": limits.max_prompt_chars},
+        )
+
+
+def validate_request(request: GenerationRequest, limits: ModelLimits) -> None:
+    """All checks that need neither tokenizer nor engine."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"request_id has {len(request.request_id)} characters; at most "
+            f"{MAX_REQUEST_ID_CHARS}",
+            metadata={"field": "request_id", "limit": MAX_REQUEST_ID_CHARS},
+        )
+    validate_input(request.prompt, request.messages, limits)
+    validate_params(request.params, limits)
+
+
+def fit_to_context(prompt_tokens: int, params: GenerationParams, limits: ModelLimits) -> int:
+    """The max_tokens to run with, or CONTEXT_LENGTH_EXCEEDED.
+
+    The prompt must leave room for one token. An explicit max_tokens must fit after the
+    prompt; the default one is shortened to what is left.
+    """
+    room = limits.max_context_tokens - prompt_tokens
+    meta = {"prompt_tokens": prompt_tokens, "max_context_tokens": limits.max_context_tokens}
+    if room < 1:
+        raise InvalidArgument(
+            f"the prompt has {prompt_tokens} tokens; the context holds "
+            f"{limits.max_context_tokens} including the completion",
+            reason="CONTEXT_LENGTH_EXCEEDED",
+            metadata=meta,
+        )
+    if params.max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, limits.max_tokens_cap, room)
+    if params.max_tokens > room:
+        raise InvalidArgument(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceed "
+            f"the context of {limits.max_context_tokens} tokens",
+            reason="CONTEXT_LENGTH_EXCEEDED",
+            metadata={**meta, "max_tokens": params.max_tokens},
+        )
+    return params.max_tokens
+
+
+# --------------------------------------------------------------------------- admission
+
+
+class AdmissionGate:
+    """Bounds the requests in one engine: ``max_running`` run, ``max_waiting`` wait.
+
+    ``acquire`` never waits: past the bound it raises Overloaded at once. Every
+    successful ``acquire`` is matched by exactly one ``release`` (use ``slot()``).
+    """
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.capacity = max_running + max_waiting
+        self.in_flight = 0
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests beyond what the engine runs at once."""
+        return max(0, self.in_flight - self.max_running)
+
+    def acquire(self) -> None:
+        """Take a slot or raise Overloaded."""
+        if self.in_flight >= self.capacity:
+            raise Overloaded(
+                f"generation queue is full ({self.max_waiting} waiting)",
+                metadata={"max_waiting": self.max_waiting, "max_running": self.max_running},
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """Give a slot back."""
+        assert self.in_flight > 0, "release without acquire"
+        self.in_flight -= 1
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class ServedModel:
+    """A named model: spec, generator, gate, and the request ids it is running."""
+
+    def __init__(self, spec: ModelSpec, generator: Generator, *, default: bool = False) -> None:
+        self.spec = spec
+        self.generator = generator
+        self.default = default
+        self.gate = AdmissionGate(spec.max_running, spec.max_waiting)
+        self.ready = False
+
+    @property
+    def name(self) -> str:
+        """Name used in requests."""
+        return self.spec.name
+
+    @property
+    def limits(self) -> ModelLimits:
+        """This model's caps."""
+        return self.spec.limits
+
+    async def count_tokens(self, prompt: str, messages: Sequence[ChatTurn]) -> int:
+        """Prompt tokens after the chat template (input validated first)."""
+        validate_input(prompt, messages, self.limits)
+        return len(await self._tokenize(prompt, messages))
+
+    async def _tokenize(self, prompt: str, messages: Sequence[ChatTurn]) -> list[int]:
+        chars = len(prompt) + sum(len(m.content) for m in messages)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return self.generator.prompt_token_ids(prompt, messages)
+        return await asyncio.to_thread(self.generator.prompt_token_ids, prompt, messages)
+
+    async def stream(
+        self, request: GenerationRequest, received_at: float
+    ) -> AsyncIterator[GenerationEvent]:
+        """Run ``request`` (already validated) and stream its events, timed from
+        ``received_at`` (a ``time.perf_counter()`` value)."""
+        if not self.ready or not self.generator.healthy():
+            raise Unavailable(f"model {self.name!r} is not ready")
+        self.gate.acquire()
+        try:
+            ids = await self._tokenize(request.prompt, request.messages)
+            max_tokens = fit_to_context(len(ids), request.params, self.limits)
+            params = replace(request.params, max_tokens=max_tokens)
+            first_at = last_at = None
+            engine_stream = self.generator.generate(request.request_id, ids, params)
+            # aclosing: however this generator ends (cancelled, closed, garbage-collected),
+            # the engine's stream is closed now, which aborts the sequence in the engine.
+            async with contextlib.aclosing(engine_stream) as events:
+                async for event in events:
+                    now = time.perf_counter()
+                    if isinstance(event, TokenDelta):
+                        if event.token_ids:
+                            first_at = first_at or now
+                            last_at = now
+                        yield event
+                        continue
+                    yield _timed(event, received_at, first_at, last_at, now)
+                    return
+        finally:
+            self.gate.release()
+
+
+def _timed(
+    final: GenerationFinal,
+    received_at: float,
+    first_at: float | None,
+    last_at: float | None,
+    now: float,
+) -> GenerationFinal:
+    ttft = (first_at - received_at) if first_at is not None else 0.0
+    tpot = 0.0
+    if first_at is not None and last_at is not None and final.completion_tokens > 1:
+        tpot = (last_at - first_at) / (final.completion_tokens - 1)
+    return replace(final, ttft_s=ttft, tpot_s=tpot, total_s=now - received_at)
+
+
+class ModelRegistry:
+    """The models of one process, the default first, and the running request ids."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        if not models:
+            raise ValueError("no generation model configured")
+        self.models: dict[str, ServedModel] = {m.name: m for m in models}
+        self.default = next((m for m in models if m.default), models[0])
+        self.running: dict[str, ServedModel] = {}
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model called ``name``; empty or "auto" means the default."""
+        if not name or name == AUTO_MODEL:
+            return self.default
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(
+                f"model {name[:64]!r} is not served here",
+                reason="MODEL_NOT_FOUND",
+                metadata={"served": ",".join(self.models)},
+            )
+        return model
+
+    async def stream(
+        self, model: ServedModel, request: GenerationRequest, received_at: float
+    ) -> AsyncIterator[GenerationEvent]:
+        """``model.stream`` with the request id registered for Abort while it runs."""
+        if request.request_id in self.running:
+            raise InvalidArgument(
+                "request_id is already running", metadata={"field": "request_id"}
+            )
+        self.running[request.request_id] = model
+        try:
+            async with contextlib.aclosing(model.stream(request, received_at)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.running.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request by id; raise NotFound when none runs."""
+        if not request_id:
+            raise InvalidArgument("request_id is empty", reason="EMPTY_INPUT")
+        model = self.running.get(request_id)
+        if model is None or not await model.generator.abort(request_id):
+            raise NotFound(
+                "no running generation has that request_id", reason="REQUEST_NOT_FOUND"
+            )
+        return True
