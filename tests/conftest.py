@@ -53,3 +53,52 @@ def msmarco_dir() -> Path:
     if not (MSMARCO / "corpus.jsonl").exists():
         pytest.fail(f"dataset missing: {MSMARCO} (the repo's parent must hold shared/)")
     return MSMARCO
+
+
+@dataclasses.dataclass(frozen=True)
+class MsMarco:
+    """The MS MARCO subset with the bundled MiniLM's exact-search reference, computed once."""
+
+    corpus: list[dict]
+    queries: list[dict]
+    qrels: dict[str, dict[str, int]]
+    doc_vectors: "np.ndarray"  # (5000, 384) float32, L2-normalised
+    query_vectors: "np.ndarray"  # (50, 384) float32, L2-normalised
+
+    def exact_top(self, k: int) -> "np.ndarray":
+        """(queries, k) corpus positions in exact cosine order (stable ties)."""
+        import numpy as np
+
+        scores = self.query_vectors @ self.doc_vectors.T
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture(scope="session")
+def msmarco(msmarco_dir) -> MsMarco:
+    """Corpus, queries, graded qrels and in-process sentence-transformers embeddings.
+
+    The quality tests of search and rerank share it, so the 5,000 passages are encoded
+    in-process once per session, not once per test.
+    """
+    import json
+    from collections import defaultdict
+
+    from sentence_transformers import SentenceTransformer
+
+    from server.engines.embedder import bundled_model_path
+
+    def read(name: str) -> list[dict]:
+        with open(msmarco_dir / name, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    corpus, queries = read("corpus.jsonl"), read("queries.jsonl")
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    with open(msmarco_dir / "qrels" / "test.tsv", encoding="utf-8") as f:
+        for line in f:
+            qid, did, grade = line.rstrip("\n").split("\t")
+            if grade.isdigit():  # skips the header
+                qrels[qid][did] = int(grade)
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
+    docs = model.encode([d["text"] for d in corpus], batch_size=64, normalize_embeddings=True)
+    qv = model.encode([q["text"] for q in queries], batch_size=64, normalize_embeddings=True)
+    return MsMarco(corpus, queries, dict(qrels), docs, qv)

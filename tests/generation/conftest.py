@@ -59,9 +59,11 @@ def engine_spec(engine: str) -> ModelSpec:
     return model_specs(config.generation)[0]
 
 
-@pytest.fixture(scope="session")
+# Package scope: one engine for every generation test, stopped when they are done so its
+# worker's memory and spinning threads do not weigh on the rest of the suite.
+@pytest.fixture(scope="package")
 async def vllm_generator():
-    """The session's one vLLM engine (started once, stopped at the end)."""
+    """The one vLLM engine of the generation tests (started once, stopped after them)."""
     reason = engine_unavailable_reason("vllm")
     if reason:
         pytest.skip(reason)
@@ -75,7 +77,7 @@ async def vllm_generator():
         await generator.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def trtllm_generator():
     """TensorRT-LLM over the same model, on hosts where it loads (a GPU host)."""
     reason = engine_unavailable_reason("tensorrt_llm")
@@ -146,7 +148,7 @@ class GenServer:
     counting: CountingGenerator
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def gen_server(vllm_generator):
     """A real server around the session's engine, with the default config's caps."""
     counting = CountingGenerator(vllm_generator)

