@@ -5,6 +5,7 @@ Engines are blocking; the embedding hop calls them from the batcher's worker thr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -52,15 +53,24 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
-        self._tokenizer = self._model.tokenizer
+        # Counting runs on request threads while a batch encodes on the worker thread. A
+        # Hugging Face tokenizer call re-configures its Rust backend's padding/truncation,
+        # so sharing the model's tokenizer let a count switch padding off under a running
+        # encode ("expected sequence of length ..."). Counting gets a private Rust copy,
+        # configured once (no truncation, no padding) and never touched by the model.
+        from tokenizers import Tokenizer
+
+        counter = Tokenizer.from_str(self._model.tokenizer.backend_tokenizer.to_str())
+        counter.no_truncation()
+        counter.no_padding()
+        self._counter = counter
+        self._counter_lock = threading.Lock()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, before truncation."""
-        encoded = self._tokenizer(
-            list(texts), add_special_tokens=True, truncation=False, verbose=False,
-            return_attention_mask=False, return_token_type_ids=False,
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
+        with self._counter_lock:
+            encodings = self._counter.encode_batch(list(texts), add_special_tokens=True)
+        return [len(e.ids) for e in encodings]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Encode one batch exactly as ``SentenceTransformer.encode`` does."""
