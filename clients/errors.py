@@ -29,7 +29,9 @@ class BackboneRpcError(Exception):
 
     ``code`` is the ``grpc.StatusCode``; ``reason`` the ErrorReason name without the
     ``ERROR_REASON_`` prefix (``""`` when the status carried no backbone ErrorInfo);
-    ``message`` the status message; ``metadata`` the ErrorInfo's details (e.g. a limit).
+    ``message`` the status message; ``metadata`` the ErrorInfo's details (e.g. a limit);
+    ``retry_after_s`` the server's pushback (``google.rpc.RetryInfo``) on an overload
+    refusal: how long to wait before trying again, or None.
     """
 
     def __init__(
@@ -38,12 +40,14 @@ class BackboneRpcError(Exception):
         reason: str,
         message: str,
         metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(code, reason, message, metadata)
         self.code = code
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
@@ -232,6 +236,19 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The server's pushback in a failed call's status (``google.rpc.RetryInfo``), seconds."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):
+        return None
+    for detail in status.details if status is not None else ():
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return retry.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> BackboneRpcError:
     """The typed exception for a failed call (sync or aio)."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
@@ -240,7 +257,7 @@ def from_rpc_error(error: grpc.RpcError) -> BackboneRpcError:
     reason = info.reason if info is not None else ""
     metadata = dict(info.metadata) if info is not None else {}
     cls = BY_REASON.get((code, reason)) or _BY_CODE.get(code, BackboneRpcError)
-    return cls(code, reason, message, metadata)
+    return cls(code, reason, message, metadata, retry_after_s(error))
 
 
 @contextlib.contextmanager

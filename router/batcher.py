@@ -38,6 +38,10 @@ Out = TypeVar("Out")
 log = logging.getLogger(__name__)
 
 
+# Longest pushback (RetryInfo) a refusal suggests, in seconds.
+MAX_PUSHBACK_S = 1.0
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """Bounds of a batch and of the queue in front of it."""
@@ -183,12 +187,14 @@ class DynamicBatcher(Generic[In, Out]):
                 raise Overloaded(
                     f"{self.name} queue is full",
                     metadata={"max_queue": self.policy.max_queue},
+                    retry_after_s=self._pushback_s(self.estimated_delay_s()),
                 )
         delay = self.estimated_delay_s()
         if self.policy.max_queue_delay_s and delay > self.policy.max_queue_delay_s:
             raise Overloaded(
                 f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",
                 metadata={"max_queue_delay_ms": round(self.policy.max_queue_delay_s * 1000)},
+                retry_after_s=self._pushback_s(delay),
             )
         loop = asyncio.get_running_loop()
         items = [
@@ -211,6 +217,11 @@ class DynamicBatcher(Generic[In, Out]):
             batch_size=max(s.batch_size for s in served),
         )
         return [s.value for s in served], timing
+
+    def _pushback_s(self, delay_s: float) -> float:
+        """How long a refused caller should wait: until the queued work has drained, at
+        least one batching wait, at most MAX_PUSHBACK_S."""
+        return min(MAX_PUSHBACK_S, max(delay_s, self.policy.max_wait_s, 0.001))
 
     def _representative(self, size: int, padded: int) -> bool:
         half_full = size >= max(2, self.policy.max_batch_size // 2)

@@ -22,11 +22,15 @@ class BackboneError(Exception):
         *,
         reason: str | None = None,
         metadata: dict[str, object] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        # Pushback: when set, the status also carries a google.rpc.RetryInfo saying how
+        # long a caller should wait before trying again (a refusal under overload).
+        self.retry_after_s = retry_after_s
         # ErrorInfo.metadata is map<string, string>.
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
 

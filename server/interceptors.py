@@ -32,14 +32,22 @@ UnaryAround = Callable[[Behaviour], Behaviour]
 
 
 def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
-    """The canonical code and serialized google.rpc.Status (one ErrorInfo) for ``err``."""
+    """The canonical code and serialized google.rpc.Status for ``err``: exactly one ErrorInfo,
+    plus a RetryInfo when the error carries pushback (``retry_after_s``)."""
     code = grpc.StatusCode[err.status]
     info = error_details_pb2.ErrorInfo(
         reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    if err.retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(0.0, err.retry_after_s) * 1e9))
+        pushback = any_pb2.Any()
+        pushback.Pack(retry)
+        details.append(pushback)
+    status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
     return code, status.SerializeToString()
 
 

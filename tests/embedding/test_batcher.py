@@ -257,6 +257,8 @@ async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
     with pytest.raises(Overloaded) as info:
         await b.submit(["too much"], [10])
     assert info.value.metadata == {"max_queue_delay_ms": "600"}
+    # Pushback: wait about as long as the queued work needs (bounded).
+    assert 0.6 < info.value.retry_after_s <= 1.0
     model.gate.set()
     await asyncio.gather(running, admitted)
     assert b.estimated_delay_s() == 0.0

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from backbone.v1 import common_pb2, embedding_service_pb2 as pb, embedding_service_pb2_grpc
+from clients.errors import retry_after_s
 from server.servicers.embedding import EmbeddingHop
 from tests.conftest import make_config, running
 
@@ -186,6 +187,9 @@ async def test_full_queue_answers_resource_exhausted_fast_and_serves_the_rest(mi
                 except grpc.aio.AioRpcError as err:
                     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert error_reason(err) == "OVERLOADED"
+                    # ...with pushback for well-behaved clients (google.rpc.RetryInfo).
+                    pushback = retry_after_s(err)
+                    assert pushback is not None and 0 < pushback <= 1.0
                     overloaded += 1
             assert ok + overloaded == 40
             assert 1 <= ok <= 4 + 8 + 4 and overloaded >= 40 - 16
