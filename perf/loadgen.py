@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 import psutil
 
+from clients.errors import retry_after_s
 from perf.report import latency_summary, write_json
 from perf.scenarios import SCENARIOS, BadResponse, Call, Scenario
 
@@ -54,6 +55,8 @@ BAD_RESPONSE = "BAD_RESPONSE"
 CLIENT_ERROR = "CLIENT_ERROR"
 #: Seconds between progress updates and server RSS samples.
 MONITOR_PERIOD_S = 0.25
+#: Closed loop: longest wait after a refusal with pushback, seconds.
+MAX_BACKOFF_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ class LoadConfig:
     progress: bool = True
     #: Seconds to wait for the channel to connect before giving up.
     connect_timeout: float = 30.0
+    #: Closed loop: a caller refused with RESOURCE_EXHAUSTED waits the server's pushback
+    #: (google.rpc.RetryInfo), doubled per consecutive refusal (jittered, at most
+    #: MAX_BACKOFF_S), before its next request, as a well-behaved client does. Off: it
+    #: retries at once (a refusal storm; measures the cost of refusing).
+    honor_pushback: bool = True
 
     def validate(self) -> None:
         """Raise ValueError when the settings cannot describe a run."""
@@ -196,16 +204,20 @@ class LoadRun:
             self.after_window += 1
         return self.window_start <= end < self.window_end
 
-    async def _issue(self, scheduled: float) -> None:
-        """Send one request; caller already counted it in ``inflight``."""
+    async def _issue(self, scheduled: float) -> float | None:
+        """Send one request; caller already counted it in ``inflight``. Returns the
+        server's pushback in seconds when it refused with RESOURCE_EXHAUSTED + RetryInfo."""
         start = time.perf_counter()
         status = NO_ANSWER
         extra = None
+        pushback = None
         try:
             extra = await self._call(self.config.timeout)
             status = "OK"
         except grpc.aio.AioRpcError as error:
             status = error.code().name
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                pushback = retry_after_s(error)
         except BadResponse:
             status = BAD_RESPONSE
         except asyncio.CancelledError:
@@ -218,6 +230,7 @@ class LoadRun:
             self.inflight -= 1
             if self._measured(scheduled, end):
                 self._record(status, (end - start) * 1e3, extra, end)
+        return pushback
 
     def _record(self, status: str, latency_ms: float, extra: Any, end: float) -> None:
         self.issued += 1
@@ -305,12 +318,20 @@ class LoadRun:
 
     async def _closed_caller(self) -> None:
         """One closed-loop caller: its next request goes out when the previous one is answered."""
+        rng = np.random.default_rng()
+        refusals = 0
         while (now := time.perf_counter()) < self.window_end:
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
-            await self._issue(now)
-            # A call that fails without suspending must not starve the loop.
-            await asyncio.sleep(0)
+            pushback = await self._issue(now)
+            if pushback is not None and self.config.honor_pushback:
+                refusals += 1
+                wait = min(MAX_BACKOFF_S, pushback * 2 ** (refusals - 1)) * rng.uniform(0.5, 1.5)
+                await asyncio.sleep(min(wait, max(0.0, self.window_end - time.perf_counter())))
+            else:
+                refusals = 0
+                # A call that fails without suspending must not starve the loop.
+                await asyncio.sleep(0)
 
     async def _monitor(self, sampler: _ServerSampler | None, client: psutil.Process) -> None:
         """Progress bar, server RSS samples, window-edge CPU readings; runs until cancelled."""
@@ -387,6 +408,7 @@ class LoadRun:
             "target_rate_rps": cfg.rate if cfg.mode == "open" else None,
             "concurrency": cfg.concurrency if cfg.mode == "closed" else None,
             "max_inflight": cfg.max_inflight,
+            "honor_pushback": cfg.honor_pushback,
             "duration_s": cfg.duration,
             "warmup_s": cfg.warmup,
             "timeout_s": cfg.timeout,
@@ -484,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--server-pid", type=int, help="sample this process's RSS and CPU during the run")
     common.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument(
+        "--ignore-pushback",
+        action="store_true",
+        help="closed loop: retry at once after RESOURCE_EXHAUSTED instead of waiting the "
+        "server's RetryInfo (doubled per consecutive refusal)",
+    )
     parser = argparse.ArgumentParser(
         prog="python -m perf.loadgen", description="Open- or closed-loop gRPC load generator."
     )
@@ -509,6 +537,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         seed=args.seed,
         server_pid=args.server_pid,
         progress=not args.no_progress,
+        honor_pushback=not args.ignore_pushback,
     )
 
 

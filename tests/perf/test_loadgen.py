@@ -122,3 +122,45 @@ async def test_closed_loop_counts_answers_inside_the_window(serve) -> None:
     assert result["counts"]["completed_after_window"] == 2
     assert result["throughput_rps"] == pytest.approx(2 / 0.4)
     assert 390 <= result["latency_ms"]["p50"] < 600
+
+
+@pytest.fixture
+async def refusing_target():
+    """A server refusing every call with RESOURCE_EXHAUSTED and 50 ms of pushback."""
+    from server.errors import Overloaded
+    from server.interceptors import STATUS_DETAILS_KEY, rich_status
+
+    async def refuse(request, context):
+        code, details = rich_status(Overloaded("full", retry_after_s=0.05))
+        await context.abort(code, "full", trailing_metadata=((STATUS_DETAILS_KEY, details),))
+
+    handler = grpc.method_handlers_generic_handler(
+        "perf.Refuse", {"Refuse": grpc.unary_unary_rpc_method_handler(refuse)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.mark.parametrize("honor", [True, False])
+async def test_closed_loop_callers_back_off_on_pushback(refusing_target: str, honor: bool) -> None:
+    async with grpc.aio.insecure_channel(refusing_target) as channel:
+        refuse = channel.unary_unary("/perf.Refuse/Refuse")
+
+        async def call(timeout: float) -> None:
+            await refuse(b"x", timeout=timeout)
+
+        config = LoadConfig(
+            target=refusing_target, mode="closed", concurrency=1, duration=1.0, warmup=0.0,
+            progress=False, honor_pushback=honor,
+        )
+        result = await LoadRun(config, call).run("refuse")
+    issued = result["counts"]["issued"]
+    assert result["errors_by_status"] == {"RESOURCE_EXHAUSTED": issued}
+    if honor:  # 50 ms, doubled per refusal (x0.5-1.5 jitter): a handful in one second
+        assert 2 <= issued <= 12
+    else:  # back to back: a refusal storm
+        assert issued >= 50
