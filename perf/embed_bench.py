@@ -104,9 +104,12 @@ def log_tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_for_serving(server: ServerProcess, service: str, timeout_s: float) -> float:
+def wait_for_serving(
+    server: ServerProcess, service: str, timeout_s: float, credentials: Any = None
+) -> float:
     """Poll ``grpc.health.v1`` until ``service`` is SERVING; returns seconds waited.
 
+    ``credentials`` (``grpc.ChannelCredentials``) dials a TLS server; None: plaintext.
     Raises RuntimeError when the process exits first or ``timeout_s`` passes.
     """
     import grpc
@@ -114,7 +117,11 @@ def wait_for_serving(server: ServerProcess, service: str, timeout_s: float) -> f
 
     started = time.monotonic()
     last = "no answer yet"
-    with grpc.insecure_channel(server.target) as channel:
+    if credentials is None:
+        dial = grpc.insecure_channel(server.target)
+    else:
+        dial = grpc.secure_channel(server.target, credentials)
+    with dial as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while (waited := time.monotonic() - started) < timeout_s:
             if server.proc is not None and server.proc.poll() is not None:
