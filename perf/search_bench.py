@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "n": args.n, "dim": args.dim, "k": args.k, "index": "server default (HNSW M=32, efC=80, ef=64)",
+        "n": args.n, "dim": args.dim, "k": args.k, "index": f"server default (HNSW M=32, efC=80, ef={DEFAULT_EF_SEARCH})",
         "ground_truth_s": truth_s,
         "build_s": build_s, "build_vectors_per_s": args.n / build_s,
         "restart_load_s": load_s, "server_rss_bytes": rss,

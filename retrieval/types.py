@@ -60,7 +60,8 @@ class SearchMode(enum.Enum):
 # Defaults of the index-structure parameters (zero in a request means these).
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 80
-DEFAULT_EF_SEARCH = 64
+# Measured at 1M x 384 (perf.search_bench): recall@10 0.910 at 64, 0.967 at 128 for +0.17 ms.
+DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE = 32
 DEFAULT_RRF_K = 60
 DEFAULT_CANDIDATES = 100
