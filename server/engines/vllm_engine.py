@@ -102,8 +102,8 @@ def resolve_model_dir(spec: ModelSpec) -> Path:
 def resolve_dtype(dtype: str) -> str:
     """``dtype`` with "auto" made concrete where vLLM's choice would be slow.
 
-    On a CPU without AVX512-BF16 (e.g. AVX2-only hosts like this one), vLLM's "auto"
-    picks bfloat16, whose matmuls then fall back to slow unfused kernels (measured here:
+    On a CPU without AVX512-BF16 (e.g. AVX2-only hosts), vLLM's "auto"
+    picks bfloat16, whose matmuls then fall back to slow unfused kernels (measured on such a host:
     about 5x lower throughput at 16 streams than float32), so "auto" means float32 there.
     Elsewhere (GPU, CPUs with BF16 units) "auto" stays vLLM's choice.
     """
