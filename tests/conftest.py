@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from server.app import BackboneServer
 from server.config import Config, load_config
@@ -37,6 +40,23 @@ async def running(config: Config, hops: Sequence[Hop]) -> AsyncIterator[Backbone
         yield server
     finally:
         await server.stop(grace=1)
+
+
+def error_reason(err: grpc.aio.AioRpcError) -> str | None:
+    """The single backbone ErrorInfo reason of an RPC error (None when absent); fails the
+    test when the status carries more than one ErrorInfo or one of another domain."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = rpc_status.status_pb2.Status.FromString(value)
+            infos = []
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    infos.append(info)
+            assert len(infos) == 1, "exactly one ErrorInfo"
+            assert infos[0].domain == "backbone.v1"
+            return infos[0].reason
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -11,29 +11,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from backbone.v1 import common_pb2, embedding_service_pb2 as pb, embedding_service_pb2_grpc
 from clients.errors import retry_after_s
 from server.servicers.embedding import EmbeddingHop
-from tests.conftest import make_config, running
+from tests.conftest import error_reason, make_config, running
 
-
-def error_reason(err: grpc.aio.AioRpcError) -> str | None:
-    """The single ErrorInfo reason of an aio RPC error (None when absent)."""
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = rpc_status.status_pb2.Status.FromString(value)
-            infos = []
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    infos.append(info)
-            assert len(infos) == 1, "exactly one ErrorInfo"
-            assert infos[0].domain == "backbone.v1"
-            return infos[0].reason
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from backbone.v1 import generation_service_pb2 as pb
 from backbone.v1 import generation_service_pb2_grpc
@@ -30,27 +28,12 @@ from server.engines.generator import (
     model_specs,
 )
 from server.servicers.generation import GenerationHop
-from tests.conftest import make_config, running
+from tests.conftest import error_reason, make_config, running
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # A small KV cache and batch: plenty for the tests, modest memory.
 TEST_ENGINE = {"kv_cache_gib": 1.0, "max_running": 32}
 
-
-def error_reason(err: grpc.aio.AioRpcError) -> str | None:
-    """The single backbone ErrorInfo reason of an RPC error (None when absent)."""
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = rpc_status.status_pb2.Status.FromString(value)
-            infos = []
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    infos.append(info)
-            assert len(infos) == 1, "exactly one ErrorInfo"
-            assert infos[0].domain == "backbone.v1"
-            return infos[0].reason
-    return None
 
 
 def engine_spec(engine: str) -> ModelSpec:

@@ -12,28 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from backbone.v1 import rerank_service_pb2_grpc
 from server.servicers.rerank import RerankHop
-from tests.conftest import make_config, running
+from tests.conftest import error_reason, make_config, running
 
-
-def error_reason(err: grpc.aio.AioRpcError) -> str | None:
-    """The single backbone ErrorInfo reason of an RPC error (None when absent)."""
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = rpc_status.status_pb2.Status.FromString(value)
-            infos = []
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    infos.append(info)
-            assert len(infos) == 1, "exactly one ErrorInfo"
-            assert infos[0].domain == "backbone.v1"
-            return infos[0].reason
-    return None
 
 
 @pytest.fixture(scope="session")

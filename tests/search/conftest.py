@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
 from server.servicers.embedding import EmbeddingHop
 from server.servicers.search import SearchHop
-from tests.conftest import make_config, running
+from tests.conftest import error_reason, make_config, running
 
 
 def search_config(data_dir, **search):
     """A test config: collections under ``data_dir``, one OpenMP thread per FAISS call."""
     return make_config(search={"data_dir": str(data_dir), "faiss_threads": 1, "faiss_build_threads": 1, **search})
 
-
-def error_reason(err: grpc.aio.AioRpcError) -> str | None:
-    """The single ErrorInfo reason of an RPC error (asserts there is exactly one)."""
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = rpc_status.status_pb2.Status.FromString(value)
-            infos = []
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    infos.append(info)
-            assert len(infos) == 1, "exactly one ErrorInfo"
-            assert infos[0].domain == "backbone.v1"
-            return infos[0].reason
-    return None
 
 
 async def expect_error(call, code: grpc.StatusCode, reason: str):
