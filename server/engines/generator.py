@@ -255,6 +255,22 @@ def engine_unavailable_reason(engine: str) -> str | None:
     return check() if check else None
 
 
+# The real request an engine answers before its model reports SERVING.
+PROBE_MESSAGES = (ChatTurn("user", "Say hello."),)
+
+
+async def probe(generator: Generator, name: str) -> None:
+    """Generate a few greedy tokens through ``generator``; raise when none come back."""
+    ids = generator.prompt_token_ids("", PROBE_MESSAGES)
+    params = GenerationParams(temperature=0.0, max_tokens=4)
+    tokens = 0
+    async for event in generator.generate(f"probe-{id(generator)}", ids, params):
+        if isinstance(event, TokenDelta):
+            tokens += len(event.token_ids)
+    if tokens < 1:
+        raise RuntimeError(f"{generator.engine}: probe generation of {name!r} gave no tokens")
+
+
 def build_generator(spec: ModelSpec) -> Generator:
     """A not-yet-started Generator for ``spec``."""
     return engine_class(spec.engine)(spec)

@@ -33,6 +33,7 @@ from server.engines.generator import (
     GenerationParams,
     ModelSpec,
     TokenDelta,
+    probe,
 )
 from server.engines.vllm_engine import render_prompt_ids, resolve_model_dir
 from server.errors import Unavailable
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 # TensorRT-LLM finish reasons -> the contract's.
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 SEED_MODULUS = 1 << 63
-PROBE_MESSAGES = (ChatTurn("user", "Say hello."),)
 
 
 def trtllm_sampling_params(params: GenerationParams) -> Any:
@@ -99,7 +99,7 @@ class TrtLlmGenerator:
             raise Unavailable(reason)
         self.model_dir = await asyncio.to_thread(resolve_model_dir, self.spec)
         self._llm, self._tokenizer = await asyncio.to_thread(self._load, self.model_dir)
-        await self._probe()
+        await probe(self, self.spec.name)
 
     def _load(self, model_dir: Path) -> tuple[Any, Any]:
         from tensorrt_llm import LLM
@@ -114,15 +114,6 @@ class TrtLlmGenerator:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         return llm, tokenizer
-
-    async def _probe(self) -> None:
-        ids = self.prompt_token_ids("", PROBE_MESSAGES)
-        tokens = 0
-        async for event in self.generate(f"probe-{id(self)}", ids, GenerationParams(temperature=0.0, max_tokens=4)):
-            if isinstance(event, TokenDelta):
-                tokens += len(event.token_ids)
-        if tokens < 1:
-            raise RuntimeError(f"tensorrt_llm: probe of {self.spec.name!r} gave no tokens")
 
     async def stop(self) -> None:
         """Shut the engine down."""

@@ -50,6 +50,7 @@ from server.engines.generator import (
     GenerationParams,
     ModelSpec,
     TokenDelta,
+    probe,
 )
 from server.engines.model_prep import ensure_model_dir
 from server.errors import Unavailable
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 GIB = 1 << 30
 # vLLM takes a signed 64-bit seed; the contract's uint64 seeds fold into it.
 SEED_MODULUS = 1 << 63
-PROBE_MESSAGES = (ChatTurn("user", "Say hello."),)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -240,17 +240,7 @@ class VllmGenerator:
         factory = _engine_stats_logger_factory(self.scheduler_depth)
         self._llm = await asyncio.to_thread(make_async_llm, self.spec, self.model_dir, [factory])
         self._tokenizer = self._llm.get_tokenizer()
-        await self._probe()
-
-    async def _probe(self) -> None:
-        ids = self.prompt_token_ids("", PROBE_MESSAGES)
-        params = GenerationParams(temperature=0.0, max_tokens=4)
-        tokens = 0
-        async for event in self.generate(f"probe-{id(self)}", ids, params):
-            if isinstance(event, TokenDelta):
-                tokens += len(event.token_ids)
-        if tokens < 1:
-            raise RuntimeError(f"vllm: probe generation of {self.spec.name!r} gave no tokens")
+        await probe(self, self.spec.name)
 
     async def stop(self) -> None:
         """Shut the engine and its child processes down."""
