@@ -86,9 +86,9 @@ class LoadConfig:
     #: Seconds to wait for the channel to connect before giving up.
     connect_timeout: float = 30.0
     #: Closed loop: a caller refused with RESOURCE_EXHAUSTED waits the server's pushback
-    #: (google.rpc.RetryInfo), doubled per consecutive refusal (jittered, at most
-    #: MAX_BACKOFF_S), before its next request, as a well-behaved client does. Off: it
-    #: retries at once (a refusal storm; measures the cost of refusing).
+    #: (google.rpc.RetryInfo; at most MAX_BACKOFF_S) before its next request, as gRPC's
+    #: retry design (A6) has clients do: the server's pushback replaces the client's own
+    #: backoff. Off: it retries at once (a refusal storm; measures the cost of refusing).
     honor_pushback: bool = True
 
     def validate(self) -> None:
@@ -318,18 +318,14 @@ class LoadRun:
 
     async def _closed_caller(self) -> None:
         """One closed-loop caller: its next request goes out when the previous one is answered."""
-        rng = np.random.default_rng()
-        refusals = 0
         while (now := time.perf_counter()) < self.window_end:
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
             pushback = await self._issue(now)
             if pushback is not None and self.config.honor_pushback:
-                refusals += 1
-                wait = min(MAX_BACKOFF_S, pushback * 2 ** (refusals - 1)) * rng.uniform(0.5, 1.5)
+                wait = min(MAX_BACKOFF_S, pushback)
                 await asyncio.sleep(min(wait, max(0.0, self.window_end - time.perf_counter())))
             else:
-                refusals = 0
                 # A call that fails without suspending must not starve the loop.
                 await asyncio.sleep(0)
 

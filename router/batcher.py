@@ -12,8 +12,9 @@ Invariants:
 - items whose caller went away (cancelled) or whose deadline passed are dropped before
   compute;
 - the queue never holds more than ``max_queue`` live items, nor (once a batch has been
-  measured) more estimated work than ``max_queue_delay_s``: admission of a request is all
-  or nothing, and refusal is immediate;
+  measured) more estimated work than ``max_queue_delay_s`` (``router.cost_model`` learns
+  a batch's time from the batches that ran): admission of a request is all or nothing,
+  and refusal is immediate;
 - a batch that raises fails only its own items; the loop keeps running;
 - the oldest waiting item is always in the next batch, so no item starves.
 
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from router.cost_model import BatchCostModel
 from server.errors import DeadlineTooShort, Overloaded, Unavailable
 
 In = TypeVar("In")
@@ -57,9 +59,9 @@ class BatchPolicy:
     # Live items waiting at most; beyond this a request is refused with Overloaded.
     max_queue: int = 1024
     # Estimated wait before compute at most, in seconds; beyond it a request is refused
-    # with Overloaded. The estimate is the work queued ahead (tokens x the cost of a token
-    # measured on batches at least half full, the regime where queues build) plus what is
-    # left of the running batch. 0 disables the bound; it applies once a cost is known.
+    # with Overloaded. The estimate is what is left of the running batch plus the batches
+    # the queued items will make, each costed by the fit of fixed + per-token time over
+    # recent batches. 0 disables the bound; it applies once a batch has been measured.
     max_queue_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -126,12 +128,18 @@ class DynamicBatcher(Generic[In, Out]):
         self._stopping = False
         self._batches = 0
         self._last_batch_size = 0
-        # Seconds of compute per padded token in representative (at least half full)
-        # batches, smoothed; 0 until one ran. Small batches are dominated by fixed costs
-        # and would overstate it.
-        self._seconds_per_token = 0.0
+        # Compute time of a batch as learnt from the batches that ran (fixed + per token).
+        self.cost = BatchCostModel()
+        # Padded tokens / real tokens of recent batches, smoothed: queued items are counted
+        # in real tokens, batches pay for padded ones.
+        self._padding = 1.0
+        # Real tokens of one item, smoothed: the cost of a request not yet tokenised.
+        self._item_cost = 1.0
         # When the running batch is expected to end (time.monotonic()), or 0 when idle.
         self._running_until = 0.0
+        # When the last refused caller was told to come back (time.monotonic()): refusals
+        # are handed consecutive return slots so they come back at the engine's pace.
+        self._next_return = 0.0
         # Observers (metrics): called with (batch_size, padded_tokens, compute_s).
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -187,15 +195,9 @@ class DynamicBatcher(Generic[In, Out]):
                 raise Overloaded(
                     f"{self.name} queue is full",
                     metadata={"max_queue": self.policy.max_queue},
-                    retry_after_s=self._pushback_s(self.estimated_delay_s()),
+                    retry_after_s=self._pushback_s(self.estimated_delay_s(), costs),
                 )
-        delay = self.estimated_delay_s()
-        if self.policy.max_queue_delay_s and delay > self.policy.max_queue_delay_s:
-            raise Overloaded(
-                f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",
-                metadata={"max_queue_delay_ms": round(self.policy.max_queue_delay_s * 1000)},
-                retry_after_s=self._pushback_s(delay),
-            )
+        self.check_admission(costs)
         loop = asyncio.get_running_loop()
         items = [
             _Item(p, max(1, int(c)), loop.create_future(), deadline)
@@ -218,22 +220,51 @@ class DynamicBatcher(Generic[In, Out]):
         )
         return [s.value for s in served], timing
 
-    def _pushback_s(self, delay_s: float) -> float:
-        """How long a refused caller should wait: until the queued work has drained, at
-        least one batching wait, at most MAX_PUSHBACK_S."""
-        return min(MAX_PUSHBACK_S, max(delay_s, self.policy.max_wait_s, 0.001))
+    def check_admission(self, costs: Sequence[int] = ()) -> None:
+        """Raise ``Overloaded`` (with pushback) when the queued work already exceeds
+        ``max_queue_delay_s``; callers may use it to refuse before preparing a request
+        (``costs`` unknown then: one item of the usual size is assumed)."""
+        if not self.policy.max_queue_delay_s:
+            return
+        delay = self.estimated_delay_s()
+        if delay > self.policy.max_queue_delay_s:
+            raise Overloaded(
+                f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",
+                metadata={"max_queue_delay_ms": round(self.policy.max_queue_delay_s * 1000)},
+                retry_after_s=self._pushback_s(delay, costs),
+            )
 
-    def _representative(self, size: int, padded: int) -> bool:
-        half_full = size >= max(2, self.policy.max_batch_size // 2)
-        return half_full or padded >= self.policy.token_budget // 2
+    def _pushback_s(self, delay_s: float, costs: Sequence[int] = ()) -> float:
+        """How long a refused caller should wait before trying again (google.rpc.RetryInfo).
+
+        Not the whole queue's drain time: told that, every refused caller would come back
+        together once the queue is empty and leave the engine idle meanwhile. Each refusal
+        gets the next return slot instead: the moment the queue is expected to be back
+        under its bound, pushed back by the marginal compute of the callers refused
+        before it, so refused callers return at about the pace the engine takes work.
+        At least one batching wait, at most MAX_PUSHBACK_S.
+        """
+        now = time.monotonic()
+        bound = self.policy.max_queue_delay_s
+        ready = now + (max(0.0, delay_s - bound) if bound else delay_s)
+        slot = max(ready, self._next_return)
+        own = sum(max(1, int(c)) for c in costs) or self._item_cost
+        self._next_return = min(slot, now + MAX_PUSHBACK_S) + own * self._padding * self.cost.per_token_s
+        return min(MAX_PUSHBACK_S, max(slot - now, self.policy.max_wait_s, 0.001))
 
     def estimated_delay_s(self) -> float:
-        """Expected wait of a newly queued item before its batch starts, in seconds."""
-        if not self._seconds_per_token:
+        """Expected wait of a newly queued item before its batch starts, in seconds: what
+        is left of the running batch plus the batches the queued items will make."""
+        if not self.cost.known:
             return 0.0
-        queued_tokens = sum(i.cost for i in self._queue if not i.future.done())
+        live = [i.cost for i in self._queue if not i.future.done()]
         running_left = max(0.0, self._running_until - time.monotonic())
-        return running_left + queued_tokens * self._seconds_per_token
+        if not live:
+            return running_left
+        padded = sum(live) * self._padding
+        batches = max(-(-len(live) // self.policy.max_batch_size),
+                      -(-int(padded) // self.policy.token_budget))
+        return running_left + self.cost.predict_s(int(padded), batches)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -247,11 +278,10 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue.clear()
 
     def _batch_full(self) -> bool:
-        live = [i for i in self._queue if not i.future.done()]
+        live = [i.cost for i in self._queue if not i.future.done()]
         if len(live) >= self.policy.max_batch_size:
             return True
-        longest = max((i.cost for i in live), default=0)
-        return longest * len(live) >= self.policy.token_budget
+        return max(live, default=0) * len(live) >= self.policy.token_budget
 
     async def _loop(self) -> None:
         try:
@@ -329,7 +359,8 @@ class DynamicBatcher(Generic[In, Out]):
         batch_id = self._batches
         self._last_batch_size = len(batch)
         padded = len(batch) * max(i.cost for i in batch)
-        self._running_until = started + padded * self._seconds_per_token
+        real = sum(i.cost for i in batch)
+        self._running_until = started + self.cost.predict_s(padded)
         try:
             outputs = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.payload for i in batch]
@@ -347,12 +378,9 @@ class DynamicBatcher(Generic[In, Out]):
             return
         compute_s = time.monotonic() - started
         self._running_until = 0.0
-        if self._representative(len(batch), padded):
-            per_token = compute_s / padded
-            self._seconds_per_token = (
-                per_token if not self._seconds_per_token
-                else 0.8 * self._seconds_per_token + 0.2 * per_token
-            )
+        self.cost.observe(padded, compute_s)
+        self._padding = 0.8 * self._padding + 0.2 * (padded / real)
+        self._item_cost = 0.8 * self._item_cost + 0.2 * (real / len(batch))
         if self.on_batch is not None:
             self.on_batch(len(batch), padded, compute_s)
         for item, value in zip(batch, outputs, strict=True):

@@ -243,22 +243,52 @@ async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
         time.sleep(0.4)
         return out
 
-    b = await make(slow, max_batch_size=2, max_wait_s=0.0, max_queue_delay_s=0.6)
-    await b.submit(["alone"], [10])  # a lone item is no measure of batched cost
-    assert b.estimated_delay_s() == 0.0
-    await b.submit(["measure", "me"], [5, 5])  # 10 padded tokens took ~0.4 s
+    b = await make(slow, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.6)
+    assert b.estimated_delay_s() == 0.0  # nothing measured yet: no bound
+    await b.submit(["measure"], [10])  # 10 tokens took ~0.4 s
     model.gate.clear()
     model.entered.clear()
     running = asyncio.create_task(b.submit(["run"], [10]))
     await wait_entered(model)
-    admitted = asyncio.create_task(b.submit(["fits"], [10]))  # <= 0.4 s ahead of it: admitted
+    admitted = asyncio.create_task(b.submit(["fits"], [10]))  # ~0.4 s ahead of it: admitted
     await asyncio.sleep(0)
-    assert b.estimated_delay_s() > 0.6
+    assert b.estimated_delay_s() > 0.6  # the rest of "run" plus "fits"
     with pytest.raises(Overloaded) as info:
         await b.submit(["too much"], [10])
     assert info.value.metadata == {"max_queue_delay_ms": "600"}
-    # Pushback: wait about as long as the queued work needs (bounded).
-    assert 0.6 < info.value.retry_after_s <= 1.0
+    # Pushback: until the queued work is back under the bound (~0.8 s - 0.6 s).
+    assert 0.1 < info.value.retry_after_s < 0.4
     model.gate.set()
     await asyncio.gather(running, admitted)
     assert b.estimated_delay_s() == 0.0
+
+
+async def test_refused_callers_get_consecutive_return_slots(make):
+    """Pushback spreads refused callers over the engine's pace instead of one herd."""
+    model = GatedModel()
+    def slow(items):
+        out = model(items)
+        time.sleep(0.2)
+        return out
+
+    b = await make(slow, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.25)
+    await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
+    model.gate.clear()
+    model.entered.clear()
+    running = asyncio.create_task(b.submit(["run"], [10]))
+    await wait_entered(model)
+    queued = asyncio.create_task(b.submit(["fits"], [10]))  # ~0.2 s of running work ahead
+    await asyncio.sleep(0)
+    pushbacks = []
+    for _ in range(3):
+        with pytest.raises(Overloaded) as info:
+            await b.submit(["refused"], [10])
+        pushbacks.append(info.value.retry_after_s)
+    # The first comes back when the queue is about back under its bound; each next one a
+    # marginal compute (~0.2 s here) later; none beyond MAX_PUSHBACK_S.
+    assert 0.05 < pushbacks[0] < 0.4  # ~0.4 s queued - 0.25 s bound
+    assert pushbacks[1] - pushbacks[0] == pytest.approx(0.2, abs=0.08)
+    assert pushbacks[2] - pushbacks[1] == pytest.approx(0.2, abs=0.08)
+    model.gate.set()
+    await asyncio.gather(running, queued)
+

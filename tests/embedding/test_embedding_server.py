@@ -29,7 +29,9 @@ def passages(msmarco_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 async def embed_server(minilm):
-    config = make_config(embedding={"max_batch_size": 16, "max_wait_ms": 2})
+    # No estimated-wait bound here: these tests check answers, the overload test below
+    # starts its own server with the bound.
+    config = make_config(embedding={"max_batch_size": 16, "max_wait_ms": 2, "max_queue_delay_ms": 0})
     async with running(config, [EmbeddingHop(embedder=minilm)]) as server:
         yield server
 
