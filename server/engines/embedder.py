@@ -1,16 +1,45 @@
 """The ``Embedder`` protocol and its sentence-transformers engine (bundled MiniLM by default).
 
 Engines are blocking; the embedding hop calls them from the batcher's worker thread.
+
+Padding-free batches ("packing"). A padded batch costs rows x longest row; on a CPU, where
+compute scales with tokens, a batch of texts of mixed lengths wastes a third or more of
+its time on padding, and only a deep queue lets the batcher group similar lengths. So when
+the model allows it and a batch's padding would cost more than ``PACK_WASTE`` of its
+tokens, the engine packs the batch instead (a batch of similar lengths runs padded: the
+block mask has its own cost): texts are laid end to end in a few
+rows of at most ``pack_row_tokens`` tokens (first fit, longest first), each text with its
+own position ids and a block-diagonal attention mask, so no text attends to another and
+every text sees exactly what it would see alone. Mean pooling runs per text, then the
+pipeline's remaining modules (e.g. Normalize). The result equals
+``SentenceTransformer.encode`` (checked at load on probe texts; any mismatch, or a pipeline
+other than Transformer + mean Pooling + per-vector modules, falls back to padded batches).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Pack a batch when padding would add more than this fraction to its tokens.
+PACK_WASTE = 0.25
+# Tokens per packed row at most (attention cost grows with the square of a row).
+DEFAULT_PACK_ROW_TOKENS = 384
+# Packed and padded vectors of the probe texts must agree to this cosine at load.
+PACK_CHECK_COSINE = 0.99999
+_PACK_PROBES = (
+    "a short probe",
+    "A longer probe text so that the packed rows hold texts of different lengths, "
+    "as they will when requests of many sizes share a batch.",
+    "third",
+)
 
 
 def bundled_model_path() -> Path:
@@ -39,10 +68,36 @@ class Embedder(Protocol):
         """float32 array (len(texts), dimension); inputs cut at max_seq_length."""
 
 
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` laid into rows of at most ``row_tokens`` tokens: first fit,
+    longest first. A text longer than a row gets a row of its own."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        size = lengths[index]
+        for r, left in enumerate(room):
+            if size <= left:
+                rows[r].append(index)
+                room[r] -= size
+                break
+        else:
+            rows.append([index])
+            room.append(row_tokens - size)
+    return rows
+
+
 class SentenceTransformerEmbedder:
     """An Embedder over a local sentence-transformers model directory."""
 
-    def __init__(self, model_path: str | Path | None = None, *, name: str = "", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        name: str = "",
+        device: str = "cpu",
+        pack: bool = True,
+        pack_row_tokens: int = DEFAULT_PACK_ROW_TOKENS,
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         path = Path(model_path) if model_path else bundled_model_path()
@@ -65,6 +120,9 @@ class SentenceTransformerEmbedder:
         counter.no_padding()
         self._counter = counter
         self._counter_lock = threading.Lock()
+        self.pack_row_tokens = max(int(pack_row_tokens), self.max_seq_length)
+        #: True when batches run padding-free (see the module docstring).
+        self.packs = bool(pack) and self._packing_matches()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, before truncation."""
@@ -73,9 +131,99 @@ class SentenceTransformerEmbedder:
         return [len(e.ids) for e in encodings]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode one batch exactly as ``SentenceTransformer.encode`` does."""
+        """Encode one batch; the vectors ``SentenceTransformer.encode`` gives."""
+        if self.packs and len(texts) > 1:
+            lengths = self.count_tokens(texts)
+            cut = [min(n, self.max_seq_length) for n in lengths]
+            if len(cut) * max(cut) > (1 + PACK_WASTE) * sum(cut):
+                return self._embed_packed(texts)
+        return self._embed_padded(texts)
+
+    def _embed_padded(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(
             list(texts), batch_size=max(1, len(texts)), convert_to_numpy=True,
             show_progress_bar=False,
         )
+        return np.asarray(vectors, dtype=np.float32)
+
+    # -- padding-free batches ----------------------------------------------------------
+
+    def _packable_pipeline(self) -> bool:
+        """Transformer, then mean Pooling, then only modules acting on the pooled vector."""
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+        modules = list(self._model)
+        if len(modules) < 2 or not isinstance(modules[0], Transformer):
+            return False
+        pooling = modules[1]
+        if not isinstance(pooling, Pooling):
+            return False
+        config = pooling.get_config_dict()
+        if config.get("pooling_mode") != "mean" or not config.get("include_prompt", True):
+            return False
+        return all(isinstance(m, Normalize) for m in modules[2:])
+
+    def _packing_matches(self) -> bool:
+        """Packed vectors of probe texts equal the padded ones, or packing stays off."""
+        try:
+            if not self._packable_pipeline():
+                log.info("embedding model %s: padded batches (pipeline not packable)", self.name)
+                return False
+            packed = self._embed_packed(list(_PACK_PROBES))
+            padded = self._embed_padded(list(_PACK_PROBES))
+        except Exception as exc:  # an architecture without position ids / 4-D masks
+            log.info("embedding model %s: padded batches (packing failed: %r)", self.name, exc)
+            return False
+        cosine = np.sum(packed * padded, axis=1) / (
+            np.linalg.norm(packed, axis=1) * np.linalg.norm(padded, axis=1)
+        )
+        if float(cosine.min()) < PACK_CHECK_COSINE:
+            log.warning(
+                "embedding model %s: packed vectors differ from padded ones (cosine %.6f); "
+                "using padded batches", self.name, float(cosine.min()),
+            )
+            return False
+        return True
+
+    def _embed_packed(self, texts: Sequence[str]) -> np.ndarray:
+        """One forward over texts laid end to end in a few rows (block-diagonal attention)."""
+        import torch
+
+        transformer = self._model[0]
+        encoded = self._model.tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_seq_length,
+        )["input_ids"]
+        lengths = [len(ids) for ids in encoded]
+        rows = pack_rows(lengths, self.pack_row_tokens)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        pad_id = self._model.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        # Segment of every slot; each padding slot is its own segment (it attends only to
+        # itself, so no attention row is empty) and is never pooled.
+        segments = torch.arange(width).repeat(len(rows), 1) + len(texts)
+        where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(texts)  # row, start, length
+        for r, row in enumerate(rows):
+            start = 0
+            for index in row:
+                n = lengths[index]
+                input_ids[r, start:start + n] = torch.tensor(encoded[index])
+                positions[r, start:start + n] = torch.arange(n)
+                segments[r, start:start + n] = index
+                where[index] = (r, start, n)
+                start += n
+        mask = (segments[:, :, None] == segments[:, None, :]).unsqueeze(1)
+        with torch.inference_mode():
+            device = self._model.device
+            hidden = transformer.auto_model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                token_type_ids=torch.zeros_like(input_ids).to(device),
+            )[0]
+            pooled = torch.stack([hidden[r, start:start + n].mean(dim=0) for r, start, n in where])
+            features = {"sentence_embedding": pooled}
+            for module in list(self._model)[2:]:
+                features = module(features)
+            vectors = features["sentence_embedding"].float().cpu().numpy()
         return np.asarray(vectors, dtype=np.float32)

@@ -105,8 +105,12 @@ class EmbeddingHop:
             self._embedder = await asyncio.to_thread(
                 SentenceTransformerEmbedder, cfg.model_path or None,
                 name=cfg.model_name, device=cfg.device,
+                pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
             )
         self.model_name = self._embedder.name
+        packs = bool(getattr(self._embedder, "packs", False))
+        log.info("embedding model %s: %s", self.model_name,
+                 "packs batches whose padding would waste time" if packs else "padded batches")
         policy = BatchPolicy(
             max_batch_size=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
@@ -170,6 +174,9 @@ class EmbeddingHop:
                 f"dimensions {options.dimensions} exceeds the model's {embedder.dimension}",
                 reason="DIMENSION_MISMATCH", metadata={"limit": embedder.dimension},
             )
+        # A saturated engine refuses before the request is tokenised: under overload most
+        # requests are refused, and their tokenising would only slow the engine further.
+        self._batcher.check_admission()
         if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
             tokens = await asyncio.to_thread(embedder.count_tokens, texts)
         else:
