@@ -6,7 +6,9 @@ processes, then, ``--runs`` times (servers idle between phases):
 1. the in-process baseline (``perf.embed_baseline``, its own process): best batched
    texts/s and single-text encode p50 -- the limit;
 2. echo, 64 closed-loop callers -- the floor;
-3. embed, 1 caller -- single-caller p50 (and the "unloaded" p99);
+3. embed, 1 caller -- the "unloaded" p99; then ``perf.embed_single``: in-process encodes
+   and gRPC calls of the same texts, alternating in blocks in one client process -- the
+   single-caller overhead (drift of the machine hits both sides alike);
 4. embed, 64 callers of one text each -- saturation throughput;
 5. embed, open loop at 0.5x saturation -- p99 at half load;
 6. embed, open loop at 3x saturation -- overload: every request answered (OK or
@@ -192,7 +194,23 @@ def run_baseline(args: argparse.Namespace, out_path: Path) -> dict[str, Any]:
         sys.executable, "-m", "perf.embed_baseline",
         "--seconds", str(args.baseline_seconds),
         "--batch-sizes", args.baseline_batch_sizes,
+        "--sorted-batch-sizes", args.baseline_sorted_batch_sizes,
         "--seed", str(args.seed),
+        "--json-out", str(out_path),
+    ]
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    return read_json(out_path)
+
+
+def run_single(args: argparse.Namespace, server: ServerProcess, out_path: Path) -> dict[str, Any]:
+    """The interleaved single-caller comparison in its own (client) process; its JSON."""
+    cmd = [
+        sys.executable, "-m", "perf.embed_single",
+        "--target", server.target,
+        "--rounds", str(args.single_rounds),
+        "--block", str(args.single_block),
+        "--seed", str(args.seed),
+        "--timeout", str(args.timeout),
         "--json-out", str(out_path),
     ]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True)
@@ -249,6 +267,9 @@ def run_once(args: argparse.Namespace, index: int, echo: ServerProcess, embed: S
     note("embed, 1 caller")
     phases["embed_single"] = run_loadgen(args, "embed", embed, Path(f"{prefix}_embed_single.json"), concurrency=1)
     time.sleep(args.cooldown)
+    note("embed, 1 caller, interleaved with in-process encodes")
+    phases["embed_interleaved"] = run_single(args, embed, Path(f"{prefix}_embed_interleaved.json"))
+    time.sleep(args.cooldown)
     note(f"embed, {args.concurrency} callers")
     phases["embed_saturation"] = run_loadgen(
         args, "embed", embed, Path(f"{prefix}_embed_saturation.json"), concurrency=args.concurrency
@@ -287,6 +308,7 @@ def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[
     half = phases["embed_half"]
     over = phases["embed_overload"]
     echo = phases["echo_closed"]
+    paired = phases["embed_interleaved"]
 
     over_counts = over["counts"]
     resource_exhausted = over["errors_by_status"].get("RESOURCE_EXHAUSTED", 0)
@@ -294,12 +316,14 @@ def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[
     unanswered = sent - over_counts["ok"] - resource_exhausted
     rss_before = dig(over, "server.rss_mb.start")
     rss_max = dig(over, "server.rss_mb.max")
-    single_p50 = dig(single, "latency_ms.p50")
-    base_single = base["single_text_p50_ms"]
+    single_p50 = dig(paired, "server_ms.p50")
+    base_single = dig(paired, "inprocess_ms.p50")
     return {
         "inprocess_best_texts_per_s": base["best"]["texts_per_s"],
         "inprocess_best_batch_size": base["best"]["batch_size"],
+        "inprocess_best_sorted": 1.0 if base["best"].get("mode") == "sorted" else 0.0,
         "inprocess_single_p50_ms": base_single,
+        "server_single_compute_p50_ms": dig(paired, "server_reported_compute_ms.p50"),
         "saturation_texts_per_s": sat["items_per_s"],
         "saturation_rps": sat["throughput_rps"],
         "saturation_p50_ms": dig(sat, "latency_ms.p50"),
@@ -307,7 +331,8 @@ def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[
         "throughput_ratio": _ratio(sat["items_per_s"], base["best"]["texts_per_s"]),
         "single_p50_ms": single_p50,
         "single_p99_ms": dig(single, "latency_ms.p99"),
-        "single_overhead_ms": None if single_p50 is None else single_p50 - base_single,
+        "single_overhead_ms": None if single_p50 is None or base_single is None else single_p50 - base_single,
+        "single_loadgen_p50_ms": dig(single, "latency_ms.p50"),
         "half_rate_rps": half["target_rate_rps"],
         "half_p50_ms": dig(half, "latency_ms.p50"),
         "half_p99_ms": dig(half, "latency_ms.p99"),
@@ -364,14 +389,16 @@ def markdown_report(summary: dict[str, Any], runs: list[dict[str, Any]], meta: d
         (
             f"server throughput, {meta['concurrency']} callers x 1 text / in-process best batch",
             f"{fmt(m['throughput_ratio'], 3)} ({fmt(m['saturation_texts_per_s'])} vs "
-            f"{fmt(m['inprocess_best_texts_per_s'])} texts/s @ batch {fmt(m['inprocess_best_batch_size'], 0)})",
+            f"{fmt(m['inprocess_best_texts_per_s'])} texts/s @ batch {fmt(m['inprocess_best_batch_size'], 0)}"
+            f"{', length-sorted' if m['inprocess_best_sorted'] else ''})",
             f">= {THROUGHPUT_RATIO_MIN:.2f}",
             ok["throughput_ratio"],
         ),
         (
-            "single-caller p50 - in-process single-text encode p50",
+            "single-caller p50 - in-process single-text encode p50 (same texts, interleaved)",
             f"{fmt(m['single_overhead_ms'], 2)} ms ({fmt(m['single_p50_ms'], 2)} vs "
-            f"{fmt(m['inprocess_single_p50_ms'], 2)} ms)",
+            f"{fmt(m['inprocess_single_p50_ms'], 2)} ms; server-reported compute "
+            f"{fmt(m['server_single_compute_p50_ms'], 2)} ms)",
             f"<= {SINGLE_P50_OVERHEAD_MAX_MS:.0f} ms",
             ok["single_p50_overhead"],
         ),
@@ -484,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline-batch-sizes", default="1,8,16,32,64,128", help="batch sizes the baseline tries"
     )
+    parser.add_argument(
+        "--baseline-sorted-batch-sizes", default="2,4,8,16,32",
+        help="batch sizes the baseline tries on length-sorted lists (empty: none)",
+    )
+    parser.add_argument("--single-rounds", type=int, default=8, help="interleaved single-caller rounds")
+    parser.add_argument("--single-block", type=int, default=25, help="calls per side per interleaved round")
     parser.add_argument("--concurrency", type=int, default=64, help="callers for the saturation and echo phases")
     parser.add_argument("--half-load", type=float, default=0.5, help="fraction of saturation for the p99 phase")
     parser.add_argument("--overload", type=float, default=3.0, help="multiple of saturation for the overload phase")

@@ -1,0 +1,115 @@
+"""Single-caller overhead of the embedding hop, measured interleaved against the model itself.
+
+On a shared 2-core machine the model's own speed drifts by 20-30 % over minutes, more
+than the 2 ms this figure is judged on, so timing the in-process encode in one phase and
+the server in another measures the drift. This script loads the same bundled model in
+its own process (the client process; the server is a separate process) and alternates,
+for ``--rounds`` rounds, a block of in-process ``SentenceTransformer.encode`` calls and a
+block of gRPC ``Embed`` calls on the *same* texts, one text per call, one call at a time;
+which side goes first alternates by round. The overhead is the difference of the two
+sides' p50s; the server's own reported compute time is kept beside it.
+
+``python -m perf.embed_single --target 127.0.0.1:50051 --json-out single.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from perf.embed_baseline import load_model
+from perf.report import latency_summary, write_json
+from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
+
+
+def run_interleaved(
+    target: str,
+    rounds: int = 8,
+    block: int = 25,
+    corpus: Path = MSMARCO_CORPUS,
+    seed: int = 0,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """Alternate in-process and server blocks; the result JSON as a dict."""
+    import torch
+
+    from clients.client import Client
+
+    texts = shuffled_texts(corpus, seed)
+    model = load_model()
+    local_ms: list[float] = []
+    server_ms: list[float] = []
+    compute_ms: list[float] = []
+    with Client(address=target, timeout=timeout_s) as client:
+        # Warm both sides (first calls allocate and pick kernels).
+        for text in texts[:5]:
+            model.encode([text], show_progress_bar=False)
+            client.embedding.embed(text)
+
+        def local_block(chunk: list[str]) -> None:
+            for text in chunk:
+                started = time.perf_counter()
+                model.encode([text], show_progress_bar=False)
+                local_ms.append((time.perf_counter() - started) * 1e3)
+
+        def server_block(chunk: list[str]) -> None:
+            for text in chunk:
+                started = time.perf_counter()
+                result = client.embedding.embed(text)
+                server_ms.append((time.perf_counter() - started) * 1e3)
+                compute_ms.append(sum(t.compute_us for t in result.timings) / 1e3)
+
+        for index in range(rounds):
+            offset = 5 + index * block
+            chunk = [texts[(offset + i) % len(texts)] for i in range(block)]
+            sides = (local_block, server_block) if index % 2 == 0 else (server_block, local_block)
+            for side in sides:
+                side(chunk)
+            print(f"round {index + 1}/{rounds} done", file=sys.stderr)
+    local = latency_summary(local_ms)
+    server = latency_summary(server_ms)
+    return {
+        "target": target,
+        "rounds": rounds,
+        "block": block,
+        "torch_threads": torch.get_num_threads(),
+        "inprocess_ms": local,
+        "server_ms": server,
+        "server_reported_compute_ms": latency_summary(compute_ms),
+        "overhead_p50_ms": round(server["p50"] - local["p50"], 3),
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "pid": os.getpid()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m perf.embed_single``."""
+    parser = argparse.ArgumentParser(prog="python -m perf.embed_single", description=__doc__.split("\n")[0])
+    parser.add_argument("--target", required=True, help="host:port of the embedding server")
+    parser.add_argument("--rounds", type=int, default=8, help="alternations (default 8)")
+    parser.add_argument("--block", type=int, default=25, help="calls per side per round (default 25)")
+    parser.add_argument("--corpus", type=Path, default=MSMARCO_CORPUS)
+    parser.add_argument("--seed", type=int, default=0, help="text order; same as the load generator's")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, s")
+    parser.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
+    args = parser.parse_args(argv)
+    result = run_interleaved(args.target, args.rounds, args.block, args.corpus, args.seed, args.timeout)
+    if args.json_out:
+        write_json(args.json_out, result)
+    else:
+        print(json.dumps(result, indent=2))
+    print(
+        f"p50 in-process {result['inprocess_ms']['p50']} ms, server {result['server_ms']['p50']} ms: "
+        f"overhead {result['overhead_p50_ms']} ms",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
