@@ -73,8 +73,9 @@ class EmbeddingConfig:
     pack_row_tokens: int = 384
     # Texts waiting in the queue at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_queue: int = 1024
-    # Estimated queue wait at most (measured cost of the queued tokens), in milliseconds;
-    # beyond, RESOURCE_EXHAUSTED/OVERLOADED at once, with pushback. 0 disables this bound.
+    # Estimated work queued behind the running batch at most (measured cost of the queued
+    # tokens), in milliseconds; beyond, RESOURCE_EXHAUSTED/OVERLOADED at once, with
+    # pushback. 0 disables this bound.
     # The default keeps an admitted text's latency within about 2x an unloaded one under
     # overload; on a CPU that costs throughput (short queues make small batches): for
     # offline or bulk callers use 0 with max_queue 64 (see the README's figures).

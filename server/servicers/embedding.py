@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -101,22 +102,24 @@ class EmbeddingHop:
         """Load the model, start the batcher, warm up and answer a real probe."""
         cfg = ctx.config.embedding
         self._limits = cfg
-        if self._embedder is None:
-            self._embedder = await asyncio.to_thread(
-                SentenceTransformerEmbedder, cfg.model_path or None,
-                name=cfg.model_name, device=cfg.device,
-                pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
-            )
-        self.model_name = self._embedder.name
-        packs = bool(getattr(self._embedder, "packs", False))
-        log.info("embedding model %s: %s", self.model_name,
-                 "packs batches whose padding would waste time" if packs else "padded batches")
         policy = BatchPolicy(
             max_batch_size=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
             max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
         )
         self._batcher = DynamicBatcher("embed", self._run_batch, policy)
+        if self._embedder is None:
+            # On the batch thread: the load-time packing check runs the model, and all of
+            # its work must stay on one thread (see DynamicBatcher.run_in_worker).
+            self._embedder = await self._batcher.run_in_worker(functools.partial(
+                SentenceTransformerEmbedder, cfg.model_path or None,
+                name=cfg.model_name, device=cfg.device,
+                pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
+            ))
+        self.model_name = self._embedder.name
+        packs = bool(getattr(self._embedder, "packs", False))
+        log.info("embedding model %s: %s", self.model_name,
+                 "packs batches whose padding would waste time" if packs else "padded batches")
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)
         await self._batcher.start()
         await self.embed(list(WARMUP_TEXTS), EmbedOptions())
