@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-pushback",
         action="store_true",
         help="closed loop: retry at once after RESOURCE_EXHAUSTED instead of waiting the "
-        "server's RetryInfo (doubled per consecutive refusal)",
+        "server's RetryInfo pushback",
     )
     parser = argparse.ArgumentParser(
         prog="python -m perf.loadgen", description="Open- or closed-loop gRPC load generator."
