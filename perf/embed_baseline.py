@@ -73,13 +73,17 @@ def measure_batch_size(
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and len(call_ms) >= min_calls:
             break
+    return {**_rate("fixed", batch_size, encoded, elapsed), "call_latency_ms": latency_summary(call_ms)}
+
+
+def _rate(mode: str, batch_size: int, encoded: int, elapsed: float) -> dict[str, Any]:
+    """One setting's result row."""
     return {
-        "mode": "fixed",
+        "mode": mode,
         "batch_size": batch_size,
         "texts": encoded,
         "seconds": round(elapsed, 3),
         "texts_per_s": round(encoded / elapsed, 2),
-        "call_latency_ms": latency_summary(call_ms),
     }
 
 
@@ -103,13 +107,7 @@ def measure_sorted(
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:
             break
-    return {
-        "mode": "sorted",
-        "batch_size": batch_size,
-        "texts": encoded,
-        "seconds": round(elapsed, 3),
-        "texts_per_s": round(encoded / elapsed, 2),
-    }
+    return _rate("sorted", batch_size, encoded, elapsed)
 
 
 def run_baseline(
