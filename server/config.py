@@ -62,9 +62,9 @@ class EmbeddingConfig:
     max_batch_size: int = 64
     # Longest a request waits for company before its batch runs, in milliseconds.
     max_wait_ms: float = 2.0
-    # Tokens per model batch at most: the sum of the texts' tokens when the model packs
-    # batches, rows x longest row when it pads. 1024 is about the best a 2-core CPU does
-    # with MiniLM (bigger batches are no faster, only longer); raise it on a GPU.
+    # Padded tokens per model batch (rows x longest row) at most. 1024 is about the best a
+    # 2-core CPU does with MiniLM (bigger batches are no faster, only longer); raise it on
+    # a GPU.
     token_budget: int = 1024
     # Run batches padding-free (texts end to end, block-diagonal attention) when the
     # model allows it and matches padded output at load; false: always pad.

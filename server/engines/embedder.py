@@ -7,8 +7,8 @@ compute scales with tokens, a batch of texts of mixed lengths wastes a third or 
 its time on padding, and only a deep queue lets the batcher group similar lengths. So when
 the model allows it and a batch's padding would cost more than ``PACK_WASTE`` of its
 tokens, the engine packs the batch instead (a batch of similar lengths runs padded: the
-block mask has its own cost): texts are laid end to end in a few
-rows of at most ``pack_row_tokens`` tokens (first fit, longest first), each text with its
+block mask has its own cost): texts are laid end to end in a few rows of at most
+``pack_row_tokens`` tokens (first fit, longest first), each text with its
 own position ids and a block-diagonal attention mask, so no text attends to another and
 every text sees exactly what it would see alone. Mean pooling runs per text, then the
 pipeline's remaining modules (e.g. Normalize). The result equals
@@ -133,11 +133,19 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Encode one batch; the vectors ``SentenceTransformer.encode`` gives."""
         if self.packs and len(texts) > 1:
-            lengths = self.count_tokens(texts)
-            cut = [min(n, self.max_seq_length) for n in lengths]
-            if len(cut) * max(cut) > (1 + PACK_WASTE) * sum(cut):
-                return self._embed_packed(texts)
+            # The model's own tokenizer, on this (the batch) thread only; the ids are kept
+            # for the packed forward rather than tokenising twice.
+            encoded = self._tokenize(texts)
+            lengths = [len(ids) for ids in encoded]
+            if len(lengths) * max(lengths) > (1 + PACK_WASTE) * sum(lengths):
+                return self._embed_packed(texts, encoded)
         return self._embed_padded(texts)
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Input ids of each text, special tokens included, cut at max_seq_length."""
+        return self._model.tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_seq_length,
+        )["input_ids"]
 
     def _embed_padded(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(
@@ -185,14 +193,16 @@ class SentenceTransformerEmbedder:
             return False
         return True
 
-    def _embed_packed(self, texts: Sequence[str]) -> np.ndarray:
-        """One forward over texts laid end to end in a few rows (block-diagonal attention)."""
+    def _embed_packed(
+        self, texts: Sequence[str], encoded: list[list[int]] | None = None
+    ) -> np.ndarray:
+        """One forward over texts laid end to end in a few rows (block-diagonal attention);
+        ``encoded``: their ids from ``_tokenize``, when already at hand."""
         import torch
 
         transformer = self._model[0]
-        encoded = self._model.tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_seq_length,
-        )["input_ids"]
+        if encoded is None:
+            encoded = self._tokenize(texts)
         lengths = [len(ids) for ids in encoded]
         rows = pack_rows(lengths, self.pack_row_tokens)
         width = max(sum(lengths[i] for i in row) for row in rows)
