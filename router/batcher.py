@@ -1,10 +1,17 @@
-"""Dynamic batching of concurrent requests onto one blocking model call at a time.
+"""Dynamic batching of concurrent requests onto blocking model calls.
 
 One component serves every batched hop (embedding, rerank). Callers ``submit`` the items
 of one request; the batcher groups items of many requests into batches bounded by a
 maximum size, a maximum wait and a token budget (padded tokens: rows x longest row),
 grouping items of similar length so padding stays small, and runs each batch in a worker
 thread off the event loop.
+
+Lanes. An engine may run several batches at once (``BatchPolicy.lanes``: model
+instances, e.g. one ONNX Runtime lane per CPU core); each lane has its own worker thread
+and takes the next batch as soon as it is free, so no lane waits for another's batch to
+end. An engine may also offer ``run_alone``: how to run a lone item when every lane is
+idle and nothing else waits (e.g. on all cores at once, which is faster for one item but
+slower in total than one item per core).
 
 Invariants:
 - every future handed out is resolved on every path (result, the batch's own exception,
@@ -15,7 +22,8 @@ Invariants:
   measured) more estimated work than ``max_queue_delay_s`` (``router.cost_model`` learns
   a batch's time from the batches that ran): admission of a request is all or nothing,
   and refusal is immediate;
-- a batch that raises fails only its own items; the loop keeps running;
+- a batch that raises fails only its own items; the loop keeps running; at stop, waiting
+  and running items fail with ``Unavailable``;
 - the oldest waiting item is always in the next batch, so no item starves.
 
 No grpc imports: this is policy, driven by unit tests without a network.
@@ -64,10 +72,14 @@ class BatchPolicy:
     # the queued items will make, each costed by the fit of fixed + per-token time over
     # recent batches. 0 disables the bound; it applies once a batch has been measured.
     max_queue_delay_s: float = 0.0
+    # Batches that may run at once, each on its own worker thread (engine instances).
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.token_budget < 1:
             raise ValueError("batch size, queue and token budget must be positive")
+        if self.lanes < 1:
+            raise ValueError("lanes must be at least 1")
         if self.max_wait_s < 0 or self.max_queue_delay_s < 0:
             raise ValueError("max_wait_s and max_queue_delay_s must be >= 0")
 
@@ -109,8 +121,10 @@ class _Served(Generic[Out]):
 class DynamicBatcher(Generic[In, Out]):
     """Batches items from concurrent callers onto ``run_batch``.
 
-    ``run_batch`` is blocking; it is called in a dedicated worker thread with a list of
-    payloads and must return one output per payload, in order.
+    ``run_batch`` is blocking; it is called in a lane's worker thread with a list of
+    payloads and must return one output per payload, in order. With several lanes it is
+    called from several threads at once. ``run_alone``, when given, runs a batch of one
+    item while every other lane is held idle.
     """
 
     def __init__(
@@ -118,14 +132,22 @@ class DynamicBatcher(Generic[In, Out]):
         name: str,
         run_batch: Callable[[list[In]], Sequence[Out]],
         policy: BatchPolicy,
+        run_alone: Callable[[list[In]], Sequence[Out]] | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
         self._run_batch = run_batch
+        self._run_alone = run_alone
         self._queue: list[_Item[In, Out]] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}-{lane}")
+            for lane in range(policy.lanes)
+        ]
+        # Lanes not running a batch; running batches' tasks.
+        self._free = list(range(policy.lanes))
+        self._running: set[asyncio.Task] = set()
         self._stopping = False
         self._batches = 0
         self._last_batch_size = 0
@@ -136,8 +158,8 @@ class DynamicBatcher(Generic[In, Out]):
         self._padding = 1.0
         # Real tokens of one item, smoothed: the cost of a request not yet tokenised.
         self._item_cost = 1.0
-        # When the running batch is expected to end (time.monotonic()), or 0 when idle.
-        self._running_until = 0.0
+        # When each lane's running batch is expected to end (time.monotonic()); 0: idle.
+        self._running_until = [0.0] * policy.lanes
         # When the last refused caller was told to come back (time.monotonic()): refusals
         # are handed consecutive return slots so they come back at the engine's pace.
         self._next_return = 0.0
@@ -161,19 +183,21 @@ class DynamicBatcher(Generic[In, Out]):
         return len(self._queue)
 
     async def stop(self) -> None:
-        """Stop the loop; every waiting item fails with Unavailable."""
+        """Stop the loop; every waiting or running item fails with Unavailable."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self._fail_all(Unavailable(f"{self.name} is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the batch thread, e.g. to load the model there.
+        """Run ``fn(*args)`` on the (first lane's) batch thread, e.g. to load the model.
 
         OpenMP (torch's CPU threads) keeps one thread team per thread that runs parallel
         work; a model that has run on a second thread leaves that team contending with the
@@ -181,7 +205,7 @@ class DynamicBatcher(Generic[In, Out]):
         checking a model on the batch thread keeps all its work on one team.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self._executors[0], fn, *args)
 
     # -- submission ----------------------------------------------------------------
 
@@ -264,23 +288,30 @@ class DynamicBatcher(Generic[In, Out]):
         ready = now + (max(0.0, delay_s - bound) if bound else delay_s)
         slot = max(ready, self._next_return)
         own = sum(max(1, int(c)) for c in costs) or self._item_cost
-        self._next_return = min(slot, now + MAX_PUSHBACK_S) + own * self._padding * self.cost.per_token_s
+        self._next_return = min(slot, now + MAX_PUSHBACK_S) + (
+            own * self._padding * self.cost.per_token_s / self.policy.lanes
+        )
         return min(MAX_PUSHBACK_S, max(slot - now, self.policy.max_wait_s, 0.001))
 
     def estimated_delay_s(self, *, running: bool = True) -> float:
         """Expected wait of a newly queued item before its batch starts, in seconds: what
-        is left of the running batch (unless ``running`` is False) plus the batches the
-        queued items will make."""
+        is left of the running batches (unless ``running`` is False) plus the batches the
+        queued items will make, shared among the lanes."""
         if not self.cost.known:
             return 0.0
         live = [i.cost for i in self._queue if not i.future.done()]
-        running_left = max(0.0, self._running_until - time.monotonic()) if running else 0.0
+        now = time.monotonic()
+        lanes = self.policy.lanes
+        running_left = 0.0
+        if running:
+            left = [max(0.0, until - now) for until in self._running_until]
+            running_left = min(left) if lanes > 1 and not live else sum(left) / lanes
         if not live:
             return running_left
         padded = sum(live) * self._padding
         batches = max(-(-len(live) // self.policy.max_batch_size),
                       -(-int(padded) // self.policy.token_budget))
-        return running_left + self.cost.predict_s(int(padded), batches)
+        return running_left + self.cost.predict_s(int(padded), batches) / lanes
 
     # -- the loop ------------------------------------------------------------------
 
@@ -305,13 +336,13 @@ class DynamicBatcher(Generic[In, Out]):
                 await self._arrived.wait()
                 self._arrived.clear()
                 self._purge()
-                if not self._queue:
-                    continue
+                if not self._queue or not self._free:
+                    continue  # a lane coming free sets _arrived again
                 await self._wait_for_company()
                 batch = self._take_batch()
                 if batch:
-                    await self._run(batch)
-                if self._queue:
+                    self._dispatch(batch)
+                if self._queue and self._free:
                     self._arrived.set()
         except asyncio.CancelledError:
             raise
@@ -319,6 +350,32 @@ class DynamicBatcher(Generic[In, Out]):
             log.exception("batcher %s loop died", self.name)
             self._fail_all(Unavailable(f"{self.name} batcher failed"))
             raise
+
+    def _dispatch(self, batch: list[_Item[In, Out]]) -> None:
+        """Start ``batch`` on a free lane; a lone item on an idle engine with nothing else
+        waiting runs alone (``run_alone``), holding every lane."""
+        lane = self._free.pop(0)
+        alone = (
+            self._run_alone is not None
+            and len(batch) == 1
+            and len(self._free) == self.policy.lanes - 1
+            and not any(not i.future.done() for i in self._queue)
+        )
+        held = [lane, *self._free] if alone else [lane]
+        if alone:
+            self._free = []
+        task = asyncio.create_task(self._run(batch, held, alone), name=f"batch-{self.name}")
+        self._running.add(task)
+
+        def release(done: asyncio.Task) -> None:
+            self._running.discard(done)
+            for held_lane in held:
+                self._running_until[held_lane] = 0.0
+            self._free.extend(held)
+            self._free.sort()
+            self._arrived.set()
+
+        task.add_done_callback(release)
 
     async def _wait_for_company(self) -> None:
         """Give the oldest item up to max_wait to be joined, unless the batch is full or
@@ -368,7 +425,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue = [i for i in live if id(i) not in chosen]
         return batch
 
-    async def _run(self, batch: list[_Item[In, Out]]) -> None:
+    async def _run(self, batch: list[_Item[In, Out]], lanes: list[int], alone: bool) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._batches += 1
@@ -376,27 +433,35 @@ class DynamicBatcher(Generic[In, Out]):
         self._last_batch_size = len(batch)
         padded = len(batch) * max(i.cost for i in batch)
         real = sum(i.cost for i in batch)
-        self._running_until = started + self.cost.predict_s(padded)
+        for lane in lanes:
+            self._running_until[lane] = started + self.cost.predict_s(padded)
+        run = self._run_alone if alone and self._run_alone is not None else self._run_batch
         try:
             outputs = await loop.run_in_executor(
-                self._executor, self._run_batch, [i.payload for i in batch]
+                self._executors[lanes[0]], run, [i.payload for i in batch]
             )
             if len(outputs) != len(batch):
                 raise RuntimeError(
                     f"{self.name}: run_batch returned {len(outputs)} outputs for {len(batch)}"
                 )
+        except asyncio.CancelledError:  # stop(): the batch's callers must not hang
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(Unavailable(f"{self.name} is shutting down"))
+            raise
         except Exception as exc:  # the batch's own failure: only its callers see it
-            self._running_until = 0.0
             log.error("batch of %d in %s failed: %r", len(batch), self.name, exc)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
         compute_s = time.monotonic() - started
-        self._running_until = 0.0
-        self.cost.observe(padded, compute_s)
-        self._padding = 0.8 * self._padding + 0.2 * (padded / real)
-        self._item_cost = 0.8 * self._item_cost + 0.2 * (real / len(batch))
+        if not alone:
+            # A lone item on every core is faster than a lane's share: learning from it
+            # would understate the time of queued work, which runs in lanes.
+            self.cost.observe(padded, compute_s)
+            self._padding = 0.8 * self._padding + 0.2 * (padded / real)
+            self._item_cost = 0.8 * self._item_cost + 0.2 * (real / len(batch))
         if self.on_batch is not None:
             self.on_batch(len(batch), padded, compute_s)
         for item, value in zip(batch, outputs, strict=True):

@@ -39,8 +39,8 @@ async def wait_entered(model: GatedModel) -> None:
 async def make():
     batchers = []
 
-    async def factory(model, **policy):
-        b = DynamicBatcher("t", model, BatchPolicy(**policy))
+    async def factory(model, run_alone=None, **policy):
+        b = DynamicBatcher("t", model, BatchPolicy(**policy), run_alone=run_alone)
         await b.start()
         batchers.append(b)
         return b
@@ -192,7 +192,7 @@ async def test_crashed_batch_fails_only_its_callers_and_loop_survives(make):
     assert (await b.submit(["after"], [1]))[0] == ["AFTER"]
 
 
-async def test_stop_resolves_every_waiting_future(make):
+async def test_stop_resolves_every_waiting_and_running_future(make):
     model = GatedModel()
     model.gate.clear()
     b = await make(model, max_batch_size=1, max_wait_s=0.0)
@@ -202,10 +202,9 @@ async def test_stop_resolves_every_waiting_future(make):
     await asyncio.sleep(0)
     await b.stop()
     model.gate.set()
-    for task in waiting:
+    for task in [running, *waiting]:  # the running batch's callers too
         with pytest.raises(Unavailable):
             await task
-    running.cancel()
     with pytest.raises(Unavailable):
         await b.submit(["x"], [1])
     assert not b.healthy()
@@ -294,3 +293,74 @@ async def test_refused_callers_get_consecutive_return_slots(make):
     model.gate.set()
     await asyncio.gather(running, *queued)
 
+
+
+class HeldItems:
+    """A blocking run_batch that holds batches containing "hold*" items at a gate and
+    records which thread ran each batch."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[tuple[str, list[str]]] = []
+
+    def __call__(self, items: list[str]) -> list[str]:
+        if any(i.startswith("hold") for i in items):
+            self.entered.set()
+            self.gate.wait(10)
+        self.batches.append((threading.current_thread().name, list(items)))
+        return [i.upper() for i in items]
+
+
+async def test_lanes_run_batches_at_once_and_none_waits_for_another(make):
+    model = HeldItems()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, lanes=2)
+    held = asyncio.create_task(b.submit(["hold"], [1]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    # One lane is held; the other serves a stream of callers meanwhile.
+    for i in range(5):
+        out, _ = await asyncio.wait_for(b.submit([f"free{i}"], [1]), timeout=5)
+        assert out == [f"FREE{i}"]
+    assert not held.done()
+    model.gate.set()
+    assert (await held)[0] == ["HOLD"]
+    threads = {thread for thread, items in model.batches}
+    assert len(threads) == 2  # each lane has its own worker thread
+
+
+async def test_a_lone_item_runs_alone_holding_every_lane(make):
+    lanes_model, alone_model = HeldItems(), HeldItems()
+    b = await make(lanes_model, run_alone=alone_model, max_batch_size=1, max_wait_s=0.0, lanes=2)
+    # Nothing else runs or waits: the lone item runs alone.
+    assert (await b.submit(["solo"], [1]))[0] == ["SOLO"]
+    assert [items for _, items in alone_model.batches] == [["solo"]]
+    # While it runs alone, no lane starts: later callers wait for it, then share the lanes.
+    held = asyncio.create_task(b.submit(["hold"], [1]))
+    await asyncio.to_thread(alone_model.entered.wait, 10)
+    later = [asyncio.create_task(b.submit([f"x{i}"], [1])) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert lanes_model.batches == [] and not any(t.done() for t in later)
+    alone_model.gate.set()
+    await asyncio.gather(held, *later)
+    # Queued together, the first two share the lanes (x2 may be alone again by its turn).
+    assert {"x0", "x1"} <= {items[0] for _, items in lanes_model.batches}
+
+
+async def test_queued_work_is_shared_among_lanes_in_the_wait_estimate(make):
+    model = HeldItems()
+    def slow(items):
+        out = model(items)
+        time.sleep(0.2)
+        return out
+
+    b = await make(slow, max_batch_size=1, max_wait_s=0.0, lanes=2)
+    await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
+    running = [asyncio.create_task(b.submit([f"hold{i}"], [10])) for i in range(2)]
+    await asyncio.to_thread(model.entered.wait, 10)
+    await asyncio.sleep(0.05)  # both lanes busy
+    queued = [asyncio.create_task(b.submit([f"q{i}"], [10])) for i in range(4)]
+    await asyncio.sleep(0)
+    # Four queued items of ~0.2 s on two lanes: ~0.4 s, not ~0.8 s.
+    assert b.estimated_delay_s(running=False) == pytest.approx(0.4, abs=0.12)
+    model.gate.set()
+    await asyncio.gather(*running, *queued)
