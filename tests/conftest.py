@@ -68,6 +68,14 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
+def onnx_minilm():
+    """The bundled all-MiniLM-L6-v2 on the ONNX Runtime engine, loaded once per session."""
+    from server.engines.onnx_embedder import OnnxEmbedder
+
+    return OnnxEmbedder(name="all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
 def msmarco_dir() -> Path:
     """The MS MARCO subset beside the repository (../shared/datasets/msmarco)."""
     if not (MSMARCO / "corpus.jsonl").exists():

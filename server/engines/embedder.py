@@ -86,6 +86,40 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def mean_pooled_pipeline(model: object) -> bool:
+    """True when a SentenceTransformer is Transformer, then mean Pooling, then only modules
+    acting on the pooled vector (Normalize): the shape an engine can reproduce by running
+    the transformer alone and pooling each text's own tokens."""
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    modules = list(model)  # type: ignore[call-overload]
+    if len(modules) < 2 or not isinstance(modules[0], Transformer):
+        return False
+    pooling = modules[1]
+    if not isinstance(pooling, Pooling):
+        return False
+    config = pooling.get_config_dict()
+    if config.get("pooling_mode") != "mean" or not config.get("include_prompt", True):
+        return False
+    return all(isinstance(m, Normalize) for m in modules[2:])
+
+
+def counting_tokenizer(model: object) -> object:
+    """A private Rust copy of a SentenceTransformer's tokenizer, without padding or
+    truncation, for counting tokens on request threads.
+
+    A Hugging Face tokenizer call re-configures its Rust backend's padding/truncation, so
+    counting with the model's own tokenizer while a batch encodes on a worker thread let a
+    count switch padding off under the running encode ("expected sequence of length ...").
+    """
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())  # type: ignore[attr-defined]
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
+
+
 class SentenceTransformerEmbedder:
     """An Embedder over a local sentence-transformers model directory."""
 
@@ -108,17 +142,8 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
-        # Counting runs on request threads while a batch encodes on the worker thread. A
-        # Hugging Face tokenizer call re-configures its Rust backend's padding/truncation,
-        # so sharing the model's tokenizer let a count switch padding off under a running
-        # encode ("expected sequence of length ..."). Counting gets a private Rust copy,
-        # configured once (no truncation, no padding) and never touched by the model.
-        from tokenizers import Tokenizer
-
-        counter = Tokenizer.from_str(self._model.tokenizer.backend_tokenizer.to_str())
-        counter.no_truncation()
-        counter.no_padding()
-        self._counter = counter
+        # Counting runs on request threads while a batch encodes on the worker thread.
+        self._counter = counting_tokenizer(self._model)
         self._counter_lock = threading.Lock()
         self.pack_row_tokens = max(int(pack_row_tokens), self.max_seq_length)
         #: True when batches run padding-free (see the module docstring).
@@ -156,25 +181,10 @@ class SentenceTransformerEmbedder:
 
     # -- padding-free batches ----------------------------------------------------------
 
-    def _packable_pipeline(self) -> bool:
-        """Transformer, then mean Pooling, then only modules acting on the pooled vector."""
-        from sentence_transformers.models import Normalize, Pooling, Transformer
-
-        modules = list(self._model)
-        if len(modules) < 2 or not isinstance(modules[0], Transformer):
-            return False
-        pooling = modules[1]
-        if not isinstance(pooling, Pooling):
-            return False
-        config = pooling.get_config_dict()
-        if config.get("pooling_mode") != "mean" or not config.get("include_prompt", True):
-            return False
-        return all(isinstance(m, Normalize) for m in modules[2:])
-
     def _packing_matches(self) -> bool:
         """Packed vectors of probe texts equal the padded ones, or packing stays off."""
         try:
-            if not self._packable_pipeline():
+            if not mean_pooled_pipeline(self._model):
                 log.info("embedding model %s: padded batches (pipeline not packable)", self.name)
                 return False
             packed = self._embed_packed(list(_PACK_PROBES))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -102,24 +101,26 @@ class EmbeddingHop:
         """Load the model, start the batcher, warm up and answer a real probe."""
         cfg = ctx.config.embedding
         self._limits = cfg
-        policy = BatchPolicy(
-            max_batch_size=cfg.max_batch_size, max_wait_s=cfg.max_wait_ms / 1000.0,
-            token_budget=cfg.token_budget, max_queue=cfg.max_queue,
-            max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
-        )
-        self._batcher = DynamicBatcher("embed", self._run_batch, policy)
+        # The model loads on the first lane's thread: the torch engine's load-time packing
+        # check runs the model, and all of its work must stay on one thread (see
+        # DynamicBatcher.run_in_worker). The engine decides the lanes, so the batcher that
+        # loads it is replaced once it is known.
+        loader = DynamicBatcher("embed", self._run_batch, self._policy(cfg, None))
         if self._embedder is None:
-            # On the batch thread: the load-time packing check runs the model, and all of
-            # its work must stay on one thread (see DynamicBatcher.run_in_worker).
-            self._embedder = await self._batcher.run_in_worker(functools.partial(
-                SentenceTransformerEmbedder, cfg.model_path or None,
-                name=cfg.model_name, device=cfg.device,
-                pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
-            ))
+            self._embedder = await loader.run_in_worker(load_embedder, cfg)
+        policy = self._policy(cfg, self._embedder)
+        alone = hasattr(self._embedder, "embed_alone")
+        if policy == loader.policy and not alone:
+            self._batcher = loader
+        else:
+            await loader.stop()
+            self._batcher = DynamicBatcher(
+                "embed", self._run_batch, policy, run_alone=self._run_alone if alone else None,
+            )
         self.model_name = self._embedder.name
-        packs = bool(getattr(self._embedder, "packs", False))
-        log.info("embedding model %s: %s", self.model_name,
-                 "packs batches whose padding would waste time" if packs else "padded batches")
+        log.info("embedding model %s: %s engine, %d lane(s), batches of %d at most",
+                 self.model_name, type(self._embedder).__name__, policy.lanes,
+                 policy.max_batch_size)
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)
         await self._batcher.start()
         await self.embed(list(WARMUP_TEXTS), EmbedOptions())
@@ -206,6 +207,37 @@ class EmbeddingHop:
     def _run_batch(self, texts: list[str]) -> list[np.ndarray]:
         assert self._embedder is not None
         return list(self._embedder.embed(texts))
+
+    def _run_alone(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self._embedder.embed_alone(texts))  # type: ignore[union-attr]
+
+    @staticmethod
+    def _policy(cfg: EmbeddingConfig, embedder: Embedder | None) -> BatchPolicy:
+        """The batching policy for ``cfg``, within what the engine can do."""
+        limit = int(getattr(embedder, "batch_limit", 0) or cfg.max_batch_size)
+        return BatchPolicy(
+            max_batch_size=min(cfg.max_batch_size, limit), max_wait_s=cfg.max_wait_ms / 1000.0,
+            token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+            max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
+            lanes=int(getattr(embedder, "lanes", 1)),
+        )
+
+
+def load_embedder(cfg: EmbeddingConfig) -> Embedder:
+    """The configured engine; the torch engine when the ONNX one cannot serve the model."""
+    if cfg.engine == "onnx" and cfg.device == "cpu":
+        try:
+            from server.engines.onnx_embedder import OnnxEmbedder
+
+            return OnnxEmbedder(cfg.model_path or None, name=cfg.model_name, lanes=cfg.lanes)
+        except Exception as exc:  # missing runtime, unexportable model, vectors differ
+            log.warning("embedding: ONNX engine unavailable (%r); using the torch engine", exc)
+    elif cfg.engine == "onnx":
+        log.warning("embedding: the ONNX engine is CPU only; device %s uses torch", cfg.device)
+    return SentenceTransformerEmbedder(
+        cfg.model_path or None, name=cfg.model_name, device=cfg.device,
+        pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
+    )
 
 
 def options_from(request: embedding_service_pb2.EmbedRequest) -> EmbedOptions:

@@ -193,6 +193,12 @@ def test_inconsistent_values_are_rejected(server):
         load_config(overrides={"server": server})
 
 
+@pytest.mark.parametrize("embedding", [{"engine": "tensorflow"}, {"lanes": "-1"}])
+def test_bad_embedding_engine_settings_are_rejected(embedding):
+    with pytest.raises(ConfigError):
+        load_config(overrides={"embedding": embedding})
+
+
 def test_tls_cert_and_key_together_are_accepted():
     config = load_config(overrides={"server": {"tls_cert": "c.pem", "tls_key": "k.pem"}})
     assert (config.server.tls_cert, config.server.tls_key) == ("c.pem", "k.pem")
