@@ -67,7 +67,8 @@ class EmbeddingConfig:
     engine: str = "onnx"
     # Torch engine's device ("cpu", "cuda"); the ONNX engine is CPU only.
     device: str = "cpu"
-    # ONNX engine: texts run at once, one thread each; 0 = one per CPU core.
+    # ONNX engine: texts run at once, sharing the cores; 0 = one per CPU core (the most
+    # throughput), 1 = one text at a time on every core (the lowest latency under load).
     lanes: int = 0
     # Largest number of texts in one model batch (the ONNX engine runs one text per call).
     max_batch_size: int = 64

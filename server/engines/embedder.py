@@ -19,7 +19,6 @@ other than Transformer + mean Pooling + per-vector modules, falls back to padded
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -104,20 +103,29 @@ def mean_pooled_pipeline(model: object) -> bool:
     return all(isinstance(m, Normalize) for m in modules[2:])
 
 
-def counting_tokenizer(model: object) -> object:
-    """A private Rust copy of a SentenceTransformer's tokenizer, without padding or
-    truncation, for counting tokens on request threads.
+class TokenCounter:
+    """Counts the tokens of texts (special tokens included, before truncation) with a
+    private Rust copy of a SentenceTransformer's tokenizer, safe on request threads.
 
     A Hugging Face tokenizer call re-configures its Rust backend's padding/truncation, so
     counting with the model's own tokenizer while a batch encodes on a worker thread let a
     count switch padding off under the running encode ("expected sequence of length ...").
+    The copy is configured once (no padding, no truncation) and only read. Texts are
+    encoded one by one: ``encode_batch`` hands even one text to the tokenizers' thread
+    pool, whose threads then compete with the model for the cores.
     """
-    from tokenizers import Tokenizer
 
-    counter = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())  # type: ignore[attr-defined]
-    counter.no_truncation()
-    counter.no_padding()
-    return counter
+    def __init__(self, model: object) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(
+            model.tokenizer.backend_tokenizer.to_str()  # type: ignore[attr-defined]
+        )
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        return [len(self._tokenizer.encode(t, add_special_tokens=True).ids) for t in texts]
 
 
 class SentenceTransformerEmbedder:
@@ -143,17 +151,14 @@ class SentenceTransformerEmbedder:
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
         # Counting runs on request threads while a batch encodes on the worker thread.
-        self._counter = counting_tokenizer(self._model)
-        self._counter_lock = threading.Lock()
+        self._count = TokenCounter(self._model)
         self.pack_row_tokens = max(int(pack_row_tokens), self.max_seq_length)
         #: True when batches run padding-free (see the module docstring).
         self.packs = bool(pack) and self._packing_matches()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, before truncation."""
-        with self._counter_lock:
-            encodings = self._counter.encode_batch(list(texts), add_special_tokens=True)
-        return [len(e.ids) for e in encodings]
+        return self._count(texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Encode one batch; the vectors ``SentenceTransformer.encode`` gives."""

@@ -9,9 +9,11 @@ reports it each run):
 - batching makes ONNX Runtime slower on this CPU (one thread: ~44 texts/s a text at a time,
   ~41 in length-sorted batches of 4, ~33 of 16).
 
-So every text runs on its own (never padded), on one of ``lanes`` single-thread lanes that
-the batcher keeps busy in parallel (``batch_limit`` = 1); a lone text on an idle engine runs
-on every core instead (``embed_alone``), which is what a single caller waits for.
+So every text runs on its own (never padded), on one of ``lanes`` lanes (default one per
+core, each with cores / lanes threads) that the batcher keeps busy in parallel
+(``batch_limit`` = 1); a lone text on an idle engine runs on every core instead
+(``embed_alone``), which is what a single caller waits for. ``lanes = 1`` runs every text
+on every core, one at a time: less throughput, lower latency under load.
 
 The model's transformer is exported to ONNX at load (``torch.onnx``, in memory, a few
 seconds; nothing is written to disk); tokenisation, truncation, mean pooling and
@@ -27,14 +29,13 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from server.engines.embedder import bundled_model_path, counting_tokenizer, mean_pooled_pipeline
+from server.engines.embedder import bundled_model_path, TokenCounter, mean_pooled_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,7 @@ class OnnxEmbedder:
         self.dimension = int(model.get_embedding_dimension())
         self.max_seq_length = int(model.max_seq_length)
         self._normalize = len(list(model)) > 2  # the modules after pooling are Normalize
-        self._counter = counting_tokenizer(model)
-        self._counter_lock = threading.Lock()
+        self._count = TokenCounter(model)
         # Encoding with a Rust tokenizer configured once is safe from several lanes.
         tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
         tokenizer.no_padding()
@@ -145,17 +145,18 @@ class OnnxEmbedder:
         cores = available_cores()
         #: Engine calls that may run at once (the batcher's lanes).
         self.lanes = max(1, int(lanes) or cores)
-        # One single-thread session shared by the lanes: Run is thread-safe, and with one
-        # intra-op thread each call computes on its caller's (the lane's) thread.
-        self._lane_session = _session(graph, 1)
-        self._alone_session = _session(graph, cores) if cores > 1 else self._lane_session
+        # One session shared by the lanes (Run is thread-safe), with the cores shared among
+        # them: one lane per core computes on its caller's (the lane's) thread alone.
+        lane_threads = max(1, cores // self.lanes)
+        self._lane_session = _session(graph, lane_threads)
+        self._alone_session = (
+            _session(graph, cores) if cores > lane_threads else self._lane_session
+        )
         self._check(model)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, before truncation."""
-        with self._counter_lock:
-            encodings = self._counter.encode_batch(list(texts), add_special_tokens=True)
-        return [len(e.ids) for e in encodings]
+        return self._count(texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors of ``texts``, one text per call on this lane's single thread."""

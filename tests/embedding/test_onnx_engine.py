@@ -74,3 +74,12 @@ def test_hop_policy_follows_the_engine(onnx_minilm, minilm):
     assert (onnx_policy.max_batch_size, onnx_policy.lanes) == (1, onnx_minilm.lanes)
     torch_policy = EmbeddingHop._policy(cfg, minilm)
     assert (torch_policy.max_batch_size, torch_policy.lanes) == (16, 1)
+
+
+def test_one_lane_runs_every_text_on_every_core(minilm):
+    engine = OnnxEmbedder(lanes=1)
+    assert engine.lanes == 1 and engine._lane_session is engine._alone_session
+    want = minilm._model.encode(TEXTS, convert_to_numpy=True)
+    got = engine.embed(TEXTS)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.99999
