@@ -50,7 +50,13 @@ def bundled_model_path() -> Path:
 
 @runtime_checkable
 class Embedder(Protocol):
-    """A sentence-embedding model."""
+    """A sentence-embedding model.
+
+    Optional, read with ``getattr`` by the hop: ``lanes`` (int, default 1: engine calls
+    that may run at once, from different threads), ``batch_limit`` (int, 0 = none: texts
+    per call the engine wants at most) and ``embed_alone(texts)`` (how to run a lone text
+    while no other call runs, e.g. on every core).
+    """
 
     name: str
     #: Native output dimension.

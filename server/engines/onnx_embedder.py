@@ -159,7 +159,7 @@ class OnnxEmbedder:
         return self._count(texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors of ``texts``, one text per call on this lane's single thread."""
+        """Vectors of ``texts``, a text per call, on the calling lane's share of the cores."""
         return self._embed(self._lane_session, texts)
 
     def embed_alone(self, texts: Sequence[str]) -> np.ndarray:

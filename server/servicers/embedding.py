@@ -109,7 +109,8 @@ class EmbeddingHop:
         if self._embedder is None:
             self._embedder = await loader.run_in_worker(load_embedder, cfg)
         policy = self._policy(cfg, self._embedder)
-        alone = hasattr(self._embedder, "embed_alone")
+        # With one lane, running alone is running in that lane.
+        alone = hasattr(self._embedder, "embed_alone") and policy.lanes > 1
         if policy == loader.policy and not alone:
             self._batcher = loader
         else:
