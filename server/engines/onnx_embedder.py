@@ -35,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from server.engines.embedder import bundled_model_path, TokenCounter, mean_pooled_pipeline
+from server.engines.embedder import (
+    TokenCounter,
+    load_sentence_transformer,
+    mean_pooled_pipeline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +120,11 @@ class OnnxEmbedder:
     def __init__(
         self, model_path: str | Path | None = None, *, name: str = "", lanes: int = 0
     ) -> None:
-        from sentence_transformers import SentenceTransformer
         from tokenizers import Tokenizer
 
-        path = Path(model_path) if model_path else bundled_model_path()
-        if not path.is_dir():
-            raise FileNotFoundError(f"embedding model directory {path} does not exist")
+        path, model = load_sentence_transformer(model_path)
         self.model_path = str(path)
         self.name = name or path.name
-        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         if not mean_pooled_pipeline(model):
             raise ValueError(
                 f"{self.name}: the ONNX engine runs Transformer + mean Pooling (+ Normalize)"

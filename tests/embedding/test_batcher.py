@@ -31,6 +31,15 @@ class GatedModel:
         return [s.upper() for s in items]
 
 
+def taking(seconds: float, model):
+    """``model`` (entered, maybe held at its gate), then ``seconds`` of compute."""
+    def run(items):
+        out = model(items)
+        time.sleep(seconds)
+        return out
+    return run
+
+
 async def wait_entered(model: GatedModel) -> None:
     await asyncio.to_thread(model.entered.wait, 10)
 
@@ -237,12 +246,7 @@ async def test_max_wait_gathers_company_once_traffic_is_concurrent(make):
 async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
     """Once a batch has been measured, admission is bounded by estimated wait, not count."""
     model = GatedModel()
-    def slow(items):  # enters (and may be held at the gate), then takes 0.4 s
-        out = model(items)
-        time.sleep(0.4)
-        return out
-
-    b = await make(slow, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.6)
+    b = await make(taking(0.4, model), max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.6)
     assert b.estimated_delay_s() == 0.0  # nothing measured yet: no bound
     await b.submit(["measure"], [10])  # 10 tokens took ~0.4 s
     model.gate.clear()
@@ -267,12 +271,7 @@ async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
 async def test_refused_callers_get_consecutive_return_slots(make):
     """Pushback spreads refused callers over the engine's pace instead of one herd."""
     model = GatedModel()
-    def slow(items):
-        out = model(items)
-        time.sleep(0.2)
-        return out
-
-    b = await make(slow, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.25)
+    b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.25)
     await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
     model.gate.clear()
     model.entered.clear()
@@ -348,12 +347,7 @@ async def test_a_lone_item_runs_alone_holding_every_lane(make):
 
 async def test_queued_work_is_shared_among_lanes_in_the_wait_estimate(make):
     model = HeldItems()
-    def slow(items):
-        out = model(items)
-        time.sleep(0.2)
-        return out
-
-    b = await make(slow, max_batch_size=1, max_wait_s=0.0, lanes=2)
+    b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0, lanes=2)
     await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
     running = [asyncio.create_task(b.submit([f"hold{i}"], [10])) for i in range(2)]
     await asyncio.to_thread(model.entered.wait, 10)
