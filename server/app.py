@@ -11,6 +11,7 @@ in-flight calls finish within the grace period, then stops the hops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -177,6 +178,7 @@ class BackboneServer:
         for hop in self.hops:
             await hop.start(self.context)
             self.context.local[hop.name] = hop
+            freeze_startup_objects()
             for name in hop.service_names:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("hop %s is serving", hop.name)
@@ -215,6 +217,19 @@ class BackboneServer:
         """Block until the gRPC server ends."""
         assert self._server is not None
         await self._server.wait_for_termination()
+
+
+def freeze_startup_objects() -> None:
+    """Collect the garbage of loading a model, then exclude what survived from later
+    garbage collections.
+
+    Loading models leaves hundreds of thousands of long-lived Python objects (here ~470k
+    after the embedding hop); a full collection walks them all and stops every thread
+    holding the GIL for ~260 ms, which showed as 200-300 ms outliers in answers that
+    otherwise take 1 ms. Frozen, they are skipped: the same collection takes ~0.2 ms.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _reports_healthy(hop: Hop) -> bool:

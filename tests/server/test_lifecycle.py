@@ -93,6 +93,17 @@ async def test_health_is_not_serving_until_each_hop_has_started():
         await server.stop(grace=0)
 
 
+async def test_objects_left_by_starting_a_hop_are_frozen_out_of_garbage_collection():
+    import gc
+
+    gc.unfreeze()
+    async with running(make_config(), [FakeEmbeddingHop(None)]):
+        # What loading left behind is frozen (a full collection no longer walks it) and
+        # nothing still tracked predates the start.
+        assert gc.get_freeze_count() > 0
+        assert len(gc.get_objects(generation=2)) < gc.get_freeze_count()
+
+
 async def test_a_hop_that_fails_to_start_fails_the_start_and_never_serves():
     hop = BrokenHop()
     server = BackboneServer(make_config(), [hop])
