@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf.report import latency_summary, write_json
+from perf.report import emit_json, latency_summary
 from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
 
 DEFAULT_BATCH_SIZES = (1, 8, 16, 32, 64, 128)
@@ -244,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes, args.seconds, args.single_calls, args.corpus, args.seed, args.threads, sorted_sizes,
         onnx=not args.no_onnx,
     )
-    if args.json_out:
-        write_json(args.json_out, result)
-    else:
-        import json
-
-        print(json.dumps(result, indent=2))
+    emit_json(args.json_out, result)
     print(
         f"best {result['best']['texts_per_s']} texts/s at batch {result['best']['batch_size']} "
         f"({result['best']['mode']}); "

@@ -17,7 +17,6 @@ sides' p50s; the server's own reported compute time is kept beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.embed_baseline import load_model, load_onnx
-from perf.report import latency_summary, write_json
+from perf.report import emit_json, latency_summary
 from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
 
 
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_interleaved(
         args.target, args.rounds, args.block, args.corpus, args.seed, args.timeout, args.engine
     )
-    if args.json_out:
-        write_json(args.json_out, result)
-    else:
-        print(json.dumps(result, indent=2))
+    emit_json(args.json_out, result)
     print(
         f"p50 in-process {result['inprocess_ms']['p50']} ms, server {result['server_ms']['p50']} ms: "
         f"overhead {result['overhead_p50_ms']} ms",

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import collections
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 import psutil
 
 from clients.errors import retry_after_s
-from perf.report import latency_summary, write_json
+from perf.report import emit_json, latency_summary
 from perf.scenarios import SCENARIOS, BadResponse, Call, Scenario
 
 #: The status name recorded for a call that got no answer before the drain timed out.
@@ -560,10 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     result = uvloop.run(run_scenario(config, SCENARIOS[args.scenario], args))
-    if args.json_out:
-        write_json(args.json_out, result)
-    else:
-        print(json.dumps(result, indent=2))
+    emit_json(args.json_out, result)
     print(one_line(result), file=sys.stderr)
     return 0
 

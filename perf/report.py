@@ -61,6 +61,14 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def emit_json(path: Path | None, data: Any) -> None:
+    """A script's result: written to ``path`` (its --json-out), or printed when None."""
+    if path:
+        write_json(path, data)
+    else:
+        print(json.dumps(data, indent=2))
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file written by :func:`write_json` (or any JSON file)."""
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -122,6 +122,23 @@ def mean_pooled_pipeline(model: object) -> bool:
     return all(isinstance(m, Normalize) for m in modules[2:])
 
 
+def private_tokenizer(model: object, truncate_at: int | None = None) -> Any:
+    """A Rust copy of a SentenceTransformer's tokenizer, configured once (no padding;
+    truncation at ``truncate_at`` tokens or none) and never re-configured, so several
+    threads may encode with it at once."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(
+        model.tokenizer.backend_tokenizer.to_str()  # type: ignore[attr-defined]
+    )
+    tokenizer.no_padding()
+    if truncate_at is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(truncate_at)
+    return tokenizer
+
+
 class TokenCounter:
     """Counts the tokens of texts (special tokens included, before truncation) with a
     private Rust copy of a SentenceTransformer's tokenizer, safe on request threads.
@@ -135,13 +152,7 @@ class TokenCounter:
     """
 
     def __init__(self, model: object) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_str(
-            model.tokenizer.backend_tokenizer.to_str()  # type: ignore[attr-defined]
-        )
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
+        self._tokenizer = private_tokenizer(model)
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         return [len(self._tokenizer.encode(t, add_special_tokens=True).ids) for t in texts]

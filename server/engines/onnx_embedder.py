@@ -39,6 +39,7 @@ from server.engines.embedder import (
     TokenCounter,
     load_sentence_transformer,
     mean_pooled_pipeline,
+    private_tokenizer,
 )
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ class OnnxEmbedder:
     def __init__(
         self, model_path: str | Path | None = None, *, name: str = "", lanes: int = 0
     ) -> None:
-        from tokenizers import Tokenizer
-
         path, model = load_sentence_transformer(model_path)
         self.model_path = str(path)
         self.name = name or path.name
@@ -134,11 +133,8 @@ class OnnxEmbedder:
         self.max_seq_length = int(model.max_seq_length)
         self._normalize = len(list(model)) > 2  # the modules after pooling are Normalize
         self._count = TokenCounter(model)
-        # Encoding with a Rust tokenizer configured once is safe from several lanes.
-        tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(self.max_seq_length)
-        self._tokenizer = tokenizer
+        # Configured once, so the lanes may encode with it at once.
+        self._tokenizer = private_tokenizer(model, truncate_at=self.max_seq_length)
         accepted = set(model.tokenizer.model_input_names)
         self._inputs = [n for n in _INPUTS if n == "input_ids" or n in accepted]
         graph = export_onnx(model[0].auto_model, self._inputs)
