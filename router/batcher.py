@@ -13,6 +13,13 @@ end. An engine may also offer ``run_alone``: how to run a lone item when every l
 idle and nothing else waits (e.g. on all cores at once, which is faster for one item but
 slower in total than one item per core).
 
+Lane depth. A lane may hold more than its running batch (``BatchPolicy.lane_depth``): with
+depth 2, once every lane is busy the next batch is handed to a lane's worker thread ahead
+of time, so the worker starts it the moment the running one ends instead of waiting for
+the event loop to hand it over (measured here: ~2 ms of idle core per batch with 64
+callers on one-text batches). Handed-over batches count as queued work for admission, and
+a batch whose callers all left while it waited on its lane is skipped.
+
 Invariants:
 - every future handed out is resolved on every path (result, the batch's own exception,
   ``Overloaded``, ``DeadlineTooShort``, ``Unavailable`` at stop) or cancelled by its caller;
@@ -74,12 +81,16 @@ class BatchPolicy:
     max_queue_delay_s: float = 0.0
     # Batches that may run at once, each on its own worker thread (engine instances).
     lanes: int = 1
+    # Batches a lane may hold: the running one, plus (depth - 1) handed to its worker
+    # thread ahead of time. 1 keeps every batch on the loop until a lane is free (best
+    # grouping); 2 keeps the lanes fed when each batch is short (one text per call).
+    lane_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.token_budget < 1:
             raise ValueError("batch size, queue and token budget must be positive")
-        if self.lanes < 1:
-            raise ValueError("lanes must be at least 1")
+        if self.lanes < 1 or self.lane_depth < 1:
+            raise ValueError("lanes and lane_depth must be at least 1")
         if self.max_wait_s < 0 or self.max_queue_delay_s < 0:
             raise ValueError("max_wait_s and max_queue_delay_s must be >= 0")
 
@@ -145,8 +156,10 @@ class DynamicBatcher(Generic[In, Out]):
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}-{lane}")
             for lane in range(policy.lanes)
         ]
-        # Lanes not running a batch; running batches' tasks.
-        self._free = list(range(policy.lanes))
+        # Predicted compute (s) of the batches each lane holds, oldest (running) first;
+        # whether a lone item runs alone, holding every lane; the batches' tasks.
+        self._lane_work: list[list[float]] = [[] for _ in range(policy.lanes)]
+        self._held_alone = False
         self._running: set[asyncio.Task] = set()
         self._stopping = False
         self._batches = 0
@@ -158,7 +171,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._padding = 1.0
         # Real tokens of one item, smoothed: the cost of a request not yet tokenised.
         self._item_cost = 1.0
-        # When each lane's running batch is expected to end (time.monotonic()); 0: idle.
+        # When each lane is expected to be done with all it holds (time.monotonic()); 0: idle.
         self._running_until = [0.0] * policy.lanes
         # When the last refused caller was told to come back (time.monotonic()): refusals
         # are handed consecutive return slots so they come back at the engine's pace.
@@ -295,23 +308,25 @@ class DynamicBatcher(Generic[In, Out]):
 
     def estimated_delay_s(self, *, running: bool = True) -> float:
         """Expected wait of a newly queued item before its batch starts, in seconds: what
-        is left of the running batches (unless ``running`` is False) plus the batches the
-        queued items will make, shared among the lanes."""
+        is left of the running batches (unless ``running`` is False) plus the batches
+        handed to lanes ahead of time and those the queued items will make, shared among
+        the lanes."""
         if not self.cost.known:
             return 0.0
         live = [i.cost for i in self._queue if not i.future.done()]
         now = time.monotonic()
         lanes = self.policy.lanes
-        running_left = 0.0
         if running:
             left = [max(0.0, until - now) for until in self._running_until]
-            running_left = min(left) if lanes > 1 and not live else sum(left) / lanes
+            ahead = min(left) if lanes > 1 and not live else sum(left) / lanes
+        else:
+            ahead = sum(sum(work[1:]) for work in self._lane_work) / lanes
         if not live:
-            return running_left
+            return ahead
         padded = sum(live) * self._padding
         batches = max(-(-len(live) // self.policy.max_batch_size),
                       -(-int(padded) // self.policy.token_budget))
-        return running_left + self.cost.predict_s(int(padded), batches) / lanes
+        return ahead + self.cost.predict_s(int(padded), batches) / lanes
 
     # -- the loop ------------------------------------------------------------------
 
@@ -336,13 +351,13 @@ class DynamicBatcher(Generic[In, Out]):
                 await self._arrived.wait()
                 self._arrived.clear()
                 self._purge()
-                if not self._queue or not self._free:
+                if not self._queue or self._open_lane() is None:
                     continue  # a lane coming free sets _arrived again
                 await self._wait_for_company()
                 batch = self._take_batch()
                 if batch:
                     self._dispatch(batch)
-                if self._queue and self._free:
+                if self._queue and self._open_lane() is not None:
                     self._arrived.set()
         except asyncio.CancelledError:
             raise
@@ -351,28 +366,49 @@ class DynamicBatcher(Generic[In, Out]):
             self._fail_all(Unavailable(f"{self.name} batcher failed"))
             raise
 
+    def _open_lane(self) -> int | None:
+        """The lane the next batch goes to: an idle one, else (lane_depth > 1) the lane
+        expected to be free first among those with room; None when none can take it."""
+        if self._held_alone:
+            return None
+        idle = [lane for lane, work in enumerate(self._lane_work) if not work]
+        if idle:
+            return idle[0]
+        room = [lane for lane, work in enumerate(self._lane_work)
+                if len(work) < self.policy.lane_depth]
+        return min(room, key=lambda lane: self._running_until[lane], default=None)
+
     def _dispatch(self, batch: list[_Item[In, Out]]) -> None:
-        """Start ``batch`` on a free lane; a lone item on an idle engine with nothing else
+        """Hand ``batch`` to a lane; a lone item on an idle engine with nothing else
         waiting runs alone (``run_alone``), holding every lane."""
-        lane = self._free.pop(0)
+        lane = self._open_lane()
+        assert lane is not None
         alone = (
             self._run_alone is not None
             and len(batch) == 1
-            and len(self._free) == self.policy.lanes - 1
+            and not any(self._lane_work)
             and not any(not i.future.done() for i in self._queue)
         )
-        held = [lane, *self._free] if alone else [lane]
-        if alone:
-            self._free = []
-        task = asyncio.create_task(self._run(batch, held, alone), name=f"batch-{self.name}")
+        padded = len(batch) * max(i.cost for i in batch)
+        predicted = self.cost.predict_s(padded)
+        now = time.monotonic()
+        held = list(range(self.policy.lanes)) if alone else [lane]
+        self._held_alone = alone
+        for held_lane in held:
+            self._lane_work[held_lane].append(predicted)
+            self._running_until[held_lane] = max(now, self._running_until[held_lane]) + predicted
+        task = asyncio.create_task(self._run(batch, lane, alone), name=f"batch-{self.name}")
         self._running.add(task)
 
         def release(done: asyncio.Task) -> None:
             self._running.discard(done)
+            now = time.monotonic()
             for held_lane in held:
-                self._running_until[held_lane] = 0.0
-            self._free.extend(held)
-            self._free.sort()
+                work = self._lane_work[held_lane]
+                work.pop(0)
+                self._running_until[held_lane] = now + sum(work) if work else 0.0
+            if alone:
+                self._held_alone = False
             self._arrived.set()
 
         task.add_done_callback(release)
@@ -425,21 +461,19 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue = [i for i in live if id(i) not in chosen]
         return batch
 
-    async def _run(self, batch: list[_Item[In, Out]], lanes: list[int], alone: bool) -> None:
+    async def _run(self, batch: list[_Item[In, Out]], lane: int, alone: bool) -> None:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
         self._batches += 1
         batch_id = self._batches
         self._last_batch_size = len(batch)
         padded = len(batch) * max(i.cost for i in batch)
         real = sum(i.cost for i in batch)
-        for lane in lanes:
-            self._running_until[lane] = started + self.cost.predict_s(padded)
         run = self._run_alone if alone and self._run_alone is not None else self._run_batch
         try:
-            outputs = await loop.run_in_executor(
-                self._executors[lanes[0]], run, [i.payload for i in batch]
-            )
+            timed = await loop.run_in_executor(self._executors[lane], _run_timed, run, batch)
+            if timed is None:
+                return  # every caller left while the batch waited on its lane
+            outputs, started, ended = timed
             if len(outputs) != len(batch):
                 raise RuntimeError(
                     f"{self.name}: run_batch returned {len(outputs)} outputs for {len(batch)}"
@@ -455,7 +489,7 @@ class DynamicBatcher(Generic[In, Out]):
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        compute_s = time.monotonic() - started
+        compute_s = ended - started
         if not alone:
             # A lone item on every core is faster than a lane's share: learning from it
             # would understate the time of queued work, which runs in lanes.
@@ -469,3 +503,17 @@ class DynamicBatcher(Generic[In, Out]):
                 item.future.set_result(
                     _Served(value, started - item.enqueued, compute_s, len(batch), batch_id)
                 )
+
+
+def _run_timed(
+    run: Callable[[list[In]], Sequence[Out]], batch: list[_Item[In, Out]]
+) -> tuple[Sequence[Out], float, float] | None:
+    """On the lane's thread: ``run`` the batch and time it where it actually runs (a batch
+    handed over ahead of time waits on the lane first); None, without running, when every
+    caller left meanwhile. Reading an asyncio future's ``done()`` from this thread is a
+    read of its state, which only the event loop writes."""
+    if all(item.future.done() for item in batch):
+        return None
+    started = time.monotonic()
+    outputs = run([item.payload for item in batch])
+    return outputs, started, time.monotonic()

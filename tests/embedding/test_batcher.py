@@ -358,3 +358,76 @@ async def test_queued_work_is_shared_among_lanes_in_the_wait_estimate(make):
     assert b.estimated_delay_s(running=False) == pytest.approx(0.4, abs=0.12)
     model.gate.set()
     await asyncio.gather(*running, *queued)
+
+
+async def test_lane_depth_hands_the_next_batch_to_a_busy_lane(make):
+    for depth, queued in ((1, 1), (2, 0)):
+        model = HeldItems()
+        b = await make(model, max_batch_size=1, max_wait_s=0.0, lanes=1, lane_depth=depth)
+        held = asyncio.create_task(b.submit(["hold"], [1]))
+        await asyncio.to_thread(model.entered.wait, 10)
+        nxt = asyncio.create_task(b.submit(["next"], [1]))
+        third = asyncio.create_task(b.submit(["third"], [1]))
+        await asyncio.sleep(0.05)
+        # Depth 2: "next" waits on the lane's worker, only "third" in the queue.
+        assert b.queued == queued + 1
+        model.gate.set()
+        await asyncio.gather(held, nxt, third)
+        assert [items for _, items in model.batches] == [["hold"], ["next"], ["third"]]
+
+
+async def test_a_handed_over_batch_is_timed_where_it_runs_and_skipped_if_its_callers_left(make):
+    model = HeldItems()
+    b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0, lanes=1, lane_depth=2)
+    held = asyncio.create_task(b.submit(["hold"], [10]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    doomed = asyncio.create_task(b.submit(["doomed"], [10]))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    model.gate.set()
+    await held
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    # Handed over behind a 0.2 s batch: it waits ~0.2 s on the lane, computes ~0.2 s.
+    model.gate.clear()
+    model.entered.clear()
+    held = asyncio.create_task(b.submit(["hold2"], [10]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    kept = asyncio.create_task(b.submit(["kept"], [10]))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await held
+    out, timing = await kept
+    assert out == ["KEPT"]
+    assert timing.compute_s == pytest.approx(0.2, abs=0.08)
+    assert timing.queue_s == pytest.approx(0.2, abs=0.08)
+    assert all("doomed" not in items for _, items in model.batches)
+
+
+async def test_handed_over_work_counts_as_queued_in_the_wait_estimate(make):
+    model = HeldItems()
+    b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0, lanes=1, lane_depth=2)
+    await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
+    held = asyncio.create_task(b.submit(["hold"], [10]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    later = [asyncio.create_task(b.submit([f"q{i}"], [10])) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert b.queued == 1  # q0 waits on the lane, q1 in the queue
+    assert b.estimated_delay_s(running=False) == pytest.approx(0.4, abs=0.12)
+    model.gate.set()
+    await asyncio.gather(held, *later)
+
+
+async def test_stop_fails_batches_handed_to_a_lane(make):
+    model = HeldItems()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, lanes=1, lane_depth=2)
+    held = asyncio.create_task(b.submit(["hold"], [1]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    handed = asyncio.create_task(b.submit(["handed"], [1]))
+    await asyncio.sleep(0.05)
+    await b.stop()
+    model.gate.set()
+    for task in (held, handed):
+        with pytest.raises(Unavailable):
+            await task
