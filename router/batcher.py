@@ -301,9 +301,11 @@ class DynamicBatcher(Generic[In, Out]):
         ready = now + (max(0.0, delay_s - bound) if bound else delay_s)
         slot = max(ready, self._next_return)
         own = sum(max(1, int(c)) for c in costs) or self._item_cost
+        # Its share of the per-call cost too: with a text per call that is most of it.
+        calls = max(1, len(costs)) / self.policy.max_batch_size
         self._next_return = min(slot, now + MAX_PUSHBACK_S) + (
-            own * self._padding * self.cost.per_token_s / self.policy.lanes
-        )
+            own * self._padding * self.cost.per_token_s + calls * self.cost.fixed_s
+        ) / self.policy.lanes
         return min(MAX_PUSHBACK_S, max(slot - now, self.policy.max_wait_s, 0.001))
 
     def estimated_delay_s(self, *, running: bool = True) -> float:
