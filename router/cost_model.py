@@ -7,14 +7,16 @@ tokenisation) that a batch shares, so a per-token cost learnt from small batches
 overstates big ones and the other way round. An affine fit over recent batches of
 different sizes separates the two.
 
+The fit runs after every batch on the event loop, so it keeps running sums over the
+window (O(1) per batch) instead of re-solving a least-squares problem over every sample.
+
 No grpc imports: policy, unit-tested without a network.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
-
-import numpy as np
 
 # Batches remembered for the fit.
 WINDOW = 128
@@ -29,6 +31,9 @@ class BatchCostModel:
 
     def __init__(self, window: int = WINDOW) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        # Running sums over the window: tokens, seconds, tokens^2, tokens*seconds.
+        self._sums = [0.0, 0.0, 0.0, 0.0]
+        self._observed = 0
         self.fixed_s = 0.0
         self.per_token_s = 0.0
 
@@ -41,7 +46,15 @@ class BatchCostModel:
         """Record one batch: its padded tokens (rows x longest row) and compute time."""
         if padded_tokens <= 0 or seconds <= 0:
             return
+        if len(self._samples) == self._samples.maxlen:
+            self._add(*self._samples[0], sign=-1.0)
         self._samples.append((padded_tokens, seconds))
+        self._add(padded_tokens, seconds, sign=1.0)
+        self._observed += 1
+        if self._observed % len(self._samples) == 0:  # shed the rounding of the updates
+            self._sums = [0.0, 0.0, 0.0, 0.0]
+            for tokens, secs in self._samples:
+                self._add(tokens, secs, sign=1.0)
         self._refit()
 
     def predict_s(self, padded_tokens: int, batches: int = 1) -> float:
@@ -50,19 +63,34 @@ class BatchCostModel:
             return 0.0
         return max(0, batches) * self.fixed_s + padded_tokens * self.per_token_s
 
+    def _add(self, tokens: float, seconds: float, sign: float) -> None:
+        sums = self._sums
+        sums[0] += sign * tokens
+        sums[1] += sign * seconds
+        sums[2] += sign * tokens * tokens
+        sums[3] += sign * tokens * seconds
+
+    def _proportional(self) -> None:
+        self.fixed_s = 0.0
+        self.per_token_s = statistics.median(s / t for t, s in self._samples)
+
     def _refit(self) -> None:
-        tokens = np.fromiter((s[0] for s in self._samples), dtype=np.float64)
-        seconds = np.fromiter((s[1] for s in self._samples), dtype=np.float64)
-        proportional = float(np.median(seconds / tokens))
-        if len(tokens) < MIN_FIT_SAMPLES or tokens.max() < MIN_SPREAD * tokens.min():
-            self.fixed_s, self.per_token_s = 0.0, proportional
+        n = len(self._samples)
+        if n < MIN_FIT_SAMPLES:
+            self._proportional()
             return
-        slope, intercept = np.polyfit(tokens, seconds, 1)
+        lo = min(t for t, _ in self._samples)
+        if max(t for t, _ in self._samples) < MIN_SPREAD * lo:
+            self._proportional()
+            return
+        st, ss, stt, sts = self._sums
+        spread = n * stt - st * st
+        slope = (n * sts - st * ss) / spread if spread > 0 else 0.0
         if slope <= 0:  # noise swamped the size effect: keep the proportional estimate
-            self.fixed_s, self.per_token_s = 0.0, proportional
+            self._proportional()
             return
+        intercept = (ss - slope * st) / n
         # A call cannot cost less than nothing, nor more than the cheapest call measured.
-        fixed = float(min(max(intercept, 0.0), seconds.min()))
+        fixed = min(max(intercept, 0.0), min(s for _, s in self._samples))
         # Refit the slope through the clamped intercept so the line still meets the data.
-        per_token = float(np.sum((seconds - fixed) * tokens) / np.sum(tokens * tokens))
-        self.fixed_s, self.per_token_s = fixed, max(per_token, 0.0)
+        self.fixed_s, self.per_token_s = fixed, max((sts - fixed * st) / stt, 0.0)

@@ -59,3 +59,19 @@ def test_window_forgets_old_batches():
     for _ in range(16):
         model.observe(100, 0.01)
     assert model.predict_s(100) == pytest.approx(0.01)
+
+
+def test_sliding_window_fit_equals_a_fresh_fit_of_the_window():
+    """The running sums forget evicted batches exactly."""
+    rng = random.Random(3)
+    samples = [(p, (0.004 + 0.0002 * p) * rng.uniform(0.8, 1.2))
+               for p in (rng.randint(20, 400) for _ in range(100))]
+    sliding = BatchCostModel(window=16)
+    for padded, seconds in samples:
+        sliding.observe(padded, seconds)
+    fresh = BatchCostModel(window=16)
+    for padded, seconds in samples[-16:]:
+        fresh.observe(padded, seconds)
+    assert sliding.fixed_s == pytest.approx(fresh.fixed_s, rel=1e-9, abs=1e-12)
+    assert sliding.per_token_s == pytest.approx(fresh.per_token_s, rel=1e-9)
+    assert sliding.fixed_s > 0
