@@ -67,8 +67,11 @@ class Embedder(Protocol):
 
     Optional, read with ``getattr`` by the hop: ``lanes`` (int, default 1: engine calls
     that may run at once, from different threads), ``batch_limit`` (int, 0 = none: texts
-    per call the engine wants at most) and ``embed_alone(texts)`` (how to run a lone text
-    while no other call runs, e.g. on every core).
+    per call the engine wants at most), ``embed_alone(texts)`` (how to run a lone text
+    while no other call runs, e.g. on every core) and ``prepare(texts)`` (what ``embed``
+    and ``embed_alone`` accept in place of the texts, e.g. their token ids, with each
+    text's token count as ``count_tokens`` gives it: a text counted on the request path
+    is then not tokenised again on the engine's).
     """
 
     name: str
@@ -155,7 +158,11 @@ class TokenCounter:
         self._tokenizer = private_tokenizer(model)
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
-        return [len(self._tokenizer.encode(t, add_special_tokens=True).ids) for t in texts]
+        return [len(self.encode(t).ids) for t in texts]
+
+    def encode(self, text: str) -> Any:
+        """The text's whole encoding (a ``tokenizers.Encoding``), special tokens included."""
+        return self._tokenizer.encode(text, add_special_tokens=True)
 
 
 class SentenceTransformerEmbedder:

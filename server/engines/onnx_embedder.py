@@ -32,6 +32,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,6 +113,14 @@ def _session(graph: bytes, threads: int) -> object:
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
+class Tokens(NamedTuple):
+    """A text's model inputs, tokenised: ids (1, n) and, when the model reads them, token
+    type ids (1, n), int64."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray | None
+
+
 class OnnxEmbedder:
     """An Embedder running a sentence-transformers model's transformer in ONNX Runtime."""
 
@@ -154,24 +163,49 @@ class OnnxEmbedder:
         """Tokens of each text with special tokens, before truncation."""
         return self._count(texts)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors of ``texts``, a text per call, on the calling lane's share of the cores."""
+    def prepare(self, texts: Sequence[str]) -> tuple[list[Tokens | str], list[int]]:
+        """Each text's token ids (what ``embed`` accepts in its place) and token count,
+        from one tokenisation. A text over ``max_seq_length`` stays a text: the lane's
+        tokenizer cuts it as the model's pipeline does."""
+        inputs: list[Tokens | str] = []
+        counts: list[int] = []
+        for text in texts:
+            encoding = self._count.encode(text)
+            counts.append(len(encoding.ids))
+            inputs.append(
+                text if len(encoding.ids) > self.max_seq_length else self._tokens(encoding)
+            )
+        return inputs, counts
+
+    def embed(self, texts: Sequence[str | Tokens]) -> np.ndarray:
+        """Vectors of ``texts`` (or their ``prepare``d tokens), a text per call, on the
+        calling lane's share of the cores."""
         return self._embed(self._lane_session, texts)
 
-    def embed_alone(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_alone(self, texts: Sequence[str | Tokens]) -> np.ndarray:
         """Vectors of ``texts`` on every core: for a lone text while no lane runs."""
         return self._embed(self._alone_session, texts)
 
-    def _embed(self, session: object, texts: Sequence[str]) -> np.ndarray:
+    def _tokens(self, encoding: object) -> Tokens:
+        ids = np.asarray([encoding.ids], dtype=np.int64)  # type: ignore[attr-defined]
+        types = (
+            np.asarray([encoding.type_ids], dtype=np.int64)  # type: ignore[attr-defined]
+            if "token_type_ids" in self._inputs else None
+        )
+        return Tokens(ids, types)
+
+    def _embed(self, session: object, texts: Sequence[str | Tokens]) -> np.ndarray:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
-            encoding = self._tokenizer.encode(text, add_special_tokens=True)
-            ids = np.asarray([encoding.ids], dtype=np.int64)
-            feeds = {"input_ids": ids}
+            tokens = (
+                self._tokens(self._tokenizer.encode(text, add_special_tokens=True))
+                if isinstance(text, str) else text
+            )
+            feeds = {"input_ids": tokens.ids}
             if "attention_mask" in self._inputs:
-                feeds["attention_mask"] = np.ones_like(ids)
-            if "token_type_ids" in self._inputs:
-                feeds["token_type_ids"] = np.asarray([encoding.type_ids], dtype=np.int64)
+                feeds["attention_mask"] = np.ones_like(tokens.ids)
+            if tokens.type_ids is not None:
+                feeds["token_type_ids"] = tokens.type_ids
             hidden = session.run(None, feeds)[0][0]  # type: ignore[attr-defined]
             vector = hidden.mean(axis=0, dtype=np.float32)
             if self._normalize:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -91,7 +92,8 @@ class EmbeddingHop:
 
     def __init__(self, embedder: Embedder | None = None) -> None:
         self._embedder = embedder
-        self._batcher: DynamicBatcher[str, np.ndarray] | None = None
+        # Items are what the engine runs: texts, or their tokens (prepare_inputs).
+        self._batcher: DynamicBatcher[Any, np.ndarray] | None = None
         self._limits = EmbeddingConfig()
         self.model_name = ""
 
@@ -183,9 +185,9 @@ class EmbeddingHop:
         # requests are refused, and their tokenising would only slow the engine further.
         self._batcher.check_admission()
         if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
-            tokens = await asyncio.to_thread(embedder.count_tokens, texts)
+            inputs, tokens = await asyncio.to_thread(prepare_inputs, embedder, texts)
         else:
-            tokens = embedder.count_tokens(texts)
+            inputs, tokens = prepare_inputs(embedder, texts)
         limit = embedder.max_seq_length
         truncated = [n > limit for n in tokens]
         if not options.truncate and any(truncated):
@@ -196,7 +198,7 @@ class EmbeddingHop:
                 reason="INPUT_TOO_LARGE", metadata={"limit": limit, "index": index},
             )
         costs = [min(n, limit) for n in tokens]
-        rows, timing = await self._batcher.submit(texts, costs, deadline)
+        rows, timing = await self._batcher.submit(inputs, costs, deadline)
         vectors = shape_vectors(np.stack(rows), options)
         return EmbedResult(vectors, costs, truncated, timing, time.perf_counter() - started)
 
@@ -205,12 +207,12 @@ class EmbeddingHop:
             raise Unavailable("embedding model is not loaded yet")
         return self._embedder
 
-    def _run_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def _run_batch(self, inputs: list[Any]) -> list[np.ndarray]:
         assert self._embedder is not None
-        return list(self._embedder.embed(texts))
+        return list(self._embedder.embed(inputs))
 
-    def _run_alone(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self._embedder.embed_alone(texts))  # type: ignore[union-attr]
+    def _run_alone(self, inputs: list[Any]) -> list[np.ndarray]:
+        return list(self._embedder.embed_alone(inputs))  # type: ignore[union-attr]
 
     @staticmethod
     def _policy(cfg: EmbeddingConfig, embedder: Embedder | None) -> BatchPolicy:
@@ -226,6 +228,15 @@ class EmbeddingHop:
             # of time, so it starts without waiting for the event loop.
             lane_depth=2 if size == 1 else 1,
         )
+
+
+def prepare_inputs(embedder: Embedder, texts: list[str]) -> tuple[list[Any], list[int]]:
+    """What the engine runs for ``texts`` and their token counts: its ``prepare`` when it
+    has one (the texts tokenised once, on the request path), else the texts themselves."""
+    prepare = getattr(embedder, "prepare", None)
+    if prepare is not None:
+        return prepare(texts)
+    return list(texts), embedder.count_tokens(texts)
 
 
 def load_embedder(cfg: EmbeddingConfig) -> Embedder:

@@ -53,6 +53,16 @@ def test_token_counts_match_the_torch_engine(onnx_minilm, minilm):
     assert onnx_minilm.max_seq_length == minilm.max_seq_length == 256
 
 
+def test_prepared_tokens_give_the_counts_and_the_vectors_of_the_texts(onnx_minilm):
+    inputs, counts = onnx_minilm.prepare(TEXTS)
+    assert counts == onnx_minilm.count_tokens(TEXTS)
+    # Tokenised once on the request path, except the over-long text: the lane cuts it.
+    assert [isinstance(i, str) for i in inputs] == [False, False, False, True]
+    assert inputs[2].ids.shape == (1, counts[2])
+    np.testing.assert_array_equal(onnx_minilm.embed(inputs), onnx_minilm.embed(TEXTS))
+    np.testing.assert_array_equal(onnx_minilm.embed_alone(inputs), onnx_minilm.embed_alone(TEXTS))
+
+
 def test_engine_that_disagrees_with_sentence_transformers_refuses_to_start(monkeypatch):
     monkeypatch.setattr(onnx_embedder, "CHECK_COSINE", 1.01)  # no real vector can pass
     with pytest.raises(RuntimeError, match="differ from sentence-transformers"):
