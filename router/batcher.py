@@ -255,7 +255,10 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue.extend(items)
         self._arrived.set()
         try:
-            served: list[_Served[Out]] = await asyncio.gather(*(i.future for i in items))
+            served: list[_Served[Out]] = (
+                [await items[0].future] if len(items) == 1
+                else await asyncio.gather(*(i.future for i in items))
+            )
         except BaseException:
             for item in items:
                 item.future.cancel()
@@ -399,11 +402,24 @@ class DynamicBatcher(Generic[In, Out]):
         for held_lane in held:
             self._lane_work[held_lane].append(predicted)
             self._running_until[held_lane] = max(now, self._running_until[held_lane]) + predicted
-        task = asyncio.create_task(self._run(batch, lane, alone), name=f"batch-{self.name}")
+        # The lane's thread gets the batch now, not when the task first runs.
+        run = self._run_alone if alone and self._run_alone is not None else self._run_batch
+        work = asyncio.get_running_loop().run_in_executor(
+            self._executors[lane], _run_timed, run, batch
+        )
+        self._batches += 1
+        self._last_batch_size = len(batch)
+        task = asyncio.create_task(
+            self._run(batch, work, alone, self._batches), name=f"batch-{self.name}"
+        )
         self._running.add(task)
 
         def release(done: asyncio.Task) -> None:
             self._running.discard(done)
+            if done.cancelled():  # stop(), perhaps before the task ran: callers must not hang
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Unavailable(f"{self.name} is shutting down"))
             now = time.monotonic()
             for held_lane in held:
                 work = self._lane_work[held_lane]
@@ -463,16 +479,17 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue = [i for i in live if id(i) not in chosen]
         return batch
 
-    async def _run(self, batch: list[_Item[In, Out]], lane: int, alone: bool) -> None:
-        loop = asyncio.get_running_loop()
-        self._batches += 1
-        batch_id = self._batches
-        self._last_batch_size = len(batch)
+    async def _run(
+        self,
+        batch: list[_Item[In, Out]],
+        work: asyncio.Future[tuple[Sequence[Out], float, float] | None],
+        alone: bool,
+        batch_id: int,
+    ) -> None:
         padded = len(batch) * max(i.cost for i in batch)
         real = sum(i.cost for i in batch)
-        run = self._run_alone if alone and self._run_alone is not None else self._run_batch
         try:
-            timed = await loop.run_in_executor(self._executors[lane], _run_timed, run, batch)
+            timed = await work
             if timed is None:
                 return  # every caller left while the batch waited on its lane
             outputs, started, ended = timed
@@ -480,11 +497,6 @@ class DynamicBatcher(Generic[In, Out]):
                 raise RuntimeError(
                     f"{self.name}: run_batch returned {len(outputs)} outputs for {len(batch)}"
                 )
-        except asyncio.CancelledError:  # stop(): the batch's callers must not hang
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(Unavailable(f"{self.name} is shutting down"))
-            raise
         except Exception as exc:  # the batch's own failure: only its callers see it
             log.error("batch of %d in %s failed: %r", len(batch), self.name, exc)
             for item in batch:
