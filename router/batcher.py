@@ -79,6 +79,11 @@ class BatchPolicy:
     # the queued items will make, each costed by the fit of fixed + per-token time over
     # recent batches. 0 disables the bound; it applies once a batch has been measured.
     max_queue_delay_s: float = 0.0
+    # What max_queue_delay_s bounds: the whole estimated wait of a new item, what is left
+    # of the running batches included (True), or only the work queued behind them (False:
+    # for batches longer than the bound, which would otherwise refuse whoever arrives
+    # while one runs, even at light load).
+    queue_delay_counts_running: bool = False
     # Batches that may run at once, each on its own worker thread (engine instances).
     lanes: int = 1
     # Batches a lane may hold: the running one, plus (depth - 1) handed to its worker
@@ -273,15 +278,17 @@ class DynamicBatcher(Generic[In, Out]):
         return [s.value for s in served], timing
 
     def check_admission(self, costs: Sequence[int] = ()) -> None:
-        """Raise ``Overloaded`` (with pushback) when the work queued behind the running
-        batch already exceeds ``max_queue_delay_s``; callers may use it to refuse before
+        """Raise ``Overloaded`` (with pushback) when the estimated wait of a new item
+        already exceeds ``max_queue_delay_s``; callers may use it to refuse before
         preparing a request (``costs`` unknown then: one item of the usual size).
 
-        The running batch is not counted: a bound shorter than one batch would otherwise
-        refuse whoever arrives while the engine is busy, even at light load."""
+        The wait counts the running batches only with ``queue_delay_counts_running``:
+        otherwise a bound shorter than one batch would refuse whoever arrives while the
+        engine is busy, even at light load."""
         if not self.policy.max_queue_delay_s:
             return
-        if self.estimated_delay_s(running=False) > self.policy.max_queue_delay_s:
+        running = self.policy.queue_delay_counts_running
+        if self.estimated_delay_s(running=running) > self.policy.max_queue_delay_s:
             delay = self.estimated_delay_s()
             raise Overloaded(
                 f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",

@@ -219,11 +219,14 @@ class EmbeddingHop:
         """The batching policy for ``cfg``, within what the engine can do."""
         limit = int(getattr(embedder, "batch_limit", 0) or cfg.max_batch_size)
         size = min(cfg.max_batch_size, limit)
+        lanes = int(getattr(embedder, "lanes", 1))
         return BatchPolicy(
             max_batch_size=size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
             max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
-            lanes=int(getattr(embedder, "lanes", 1)),
+            # A text at a time on every core runs short against the bound: count it.
+            queue_delay_counts_running=size == 1 and lanes == 1,
+            lanes=lanes,
             # A text per call leaves nothing to group: hand each lane its next text ahead
             # of time, so it starts without waiting for the event loop.
             lane_depth=2 if size == 1 else 1,

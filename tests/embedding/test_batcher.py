@@ -431,3 +431,24 @@ async def test_stop_fails_batches_handed_to_a_lane(make):
     for task in (held, handed):
         with pytest.raises(Unavailable):
             await task
+
+
+async def test_queue_delay_bound_counts_the_running_batch_when_asked(make):
+    for counts_running, refused in ((False, False), (True, True)):
+        model = HeldItems()
+        b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0,
+                       max_queue_delay_s=0.1, queue_delay_counts_running=counts_running)
+        await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
+        held = asyncio.create_task(b.submit(["hold"], [10]))
+        await asyncio.to_thread(model.entered.wait, 10)
+        # ~0.2 s of the running batch left, nothing queued: over a 0.1 s bound only if
+        # the running batch counts.
+        if refused:
+            with pytest.raises(Overloaded):
+                await b.submit(["late"], [10])
+        else:
+            late = asyncio.create_task(b.submit(["late"], [10]))
+        model.gate.set()
+        await held
+        if not refused:
+            assert (await late)[0] == ["LATE"]
