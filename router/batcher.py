@@ -75,9 +75,10 @@ class BatchPolicy:
     # Live items waiting at most; beyond this a request is refused with Overloaded.
     max_queue: int = 1024
     # Estimated wait before compute at most, in seconds; beyond it a request is refused
-    # with Overloaded. The estimate is what is left of the running batch plus the batches
-    # the queued items will make, each costed by the fit of fixed + per-token time over
-    # recent batches. 0 disables the bound; it applies once a batch has been measured.
+    # with Overloaded. The estimate is the batches handed to lanes ahead of time and those
+    # the queued items will make (plus, see below, what is left of the running ones), each
+    # costed by the fit of fixed + per-token time over recent batches, shared among the
+    # lanes. 0 disables the bound; it applies once a batch has been measured.
     max_queue_delay_s: float = 0.0
     # What max_queue_delay_s bounds: the whole estimated wait of a new item, what is left
     # of the running batches included (True), or only the work queued behind them (False:
