@@ -97,8 +97,10 @@ class ClientOptions:
     timeout: float = 10.0
     #: Default deadline of streaming calls (generation, ingest, EmbedStream).
     stream_timeout: float = 300.0
-    #: Largest message sent or received, in bytes.
-    max_message_bytes: int = 64 * 1024 * 1024
+    #: Largest message sent or received, in bytes. The default is the server's default
+    #: cap (``server.max_message_bytes``, 4 MiB): a request over it fails here at once with
+    #: RESOURCE_EXHAUSTED instead of after uploading it. Raise both together.
+    max_message_bytes: int = 4 * 1024 * 1024
     #: Attempts per idempotent unary call (1 disables retries; gRPC caps it at 5).
     retry_max_attempts: int = 4
 

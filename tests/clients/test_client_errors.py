@@ -9,8 +9,10 @@ import pytest
 from backbone.v1 import common_pb2
 
 from clients import errors
+from clients.channel import ClientOptions
 from clients.client import AsyncClient, Client
 from clients.errors import BY_REASON
+from server.config import ServerConfig
 
 
 def test_every_error_reason_has_a_class():
@@ -108,6 +110,16 @@ async def test_client_receive_limit_applies(backend):
     async with AsyncClient(address=backend.address, max_message_bytes=1024) as client:
         with pytest.raises(errors.ResourceExhaustedError):
             await client.embedding.embed(["x"])  # 384 floats > 1 KiB
+
+
+async def test_client_send_limit_refuses_before_uploading(backend):
+    """A request over ClientOptions.max_message_bytes never reaches the server; the default
+    is the server's own default cap."""
+    assert ClientOptions().max_message_bytes == ServerConfig().max_message_bytes
+    async with AsyncClient(address=backend.address, max_message_bytes=1024) as client:
+        with pytest.raises(errors.ResourceExhaustedError):
+            await client.embedding.embed(["y" * 4096])
+    assert backend.script.calls["Embed"] == 0
 
 
 async def test_unreachable_server_is_unavailable():
