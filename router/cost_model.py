@@ -51,7 +51,7 @@ class BatchCostModel:
         self._samples.append((padded_tokens, seconds))
         self._add(padded_tokens, seconds, sign=1.0)
         self._observed += 1
-        if self._observed % len(self._samples) == 0:  # shed the rounding of the updates
+        if self._observed % self._samples.maxlen == 0:  # shed the updates' rounding
             self._sums = [0.0, 0.0, 0.0, 0.0]
             for tokens, secs in self._samples:
                 self._add(tokens, secs, sign=1.0)

@@ -68,7 +68,7 @@ class EmbeddingConfig:
     # Torch engine's device ("cpu", "cuda"); the ONNX engine is CPU only.
     device: str = "cpu"
     # ONNX engine: texts run at once, sharing the cores; 1 = one text at a time on every
-    # core (the lowest latency under load; the default), 0 = one per CPU core (~15 % more
+    # core (the lowest latency under load; the default), 0 = one per CPU core (~30 % more
     # texts/s on 2 cores, each text about twice as slow). See the README's figures.
     lanes: int = 1
     # Largest number of texts in one model batch (the ONNX engine runs one text per call).

@@ -9,8 +9,9 @@ reports it each run):
 - batching makes ONNX Runtime slower on this CPU (one thread: ~44 texts/s a text at a time,
   ~41 in length-sorted batches of 4, ~33 of 16).
 
-So every text runs on its own (never padded), on one of ``lanes`` lanes (default one per
-core, each with cores / lanes threads) that the batcher keeps busy in parallel
+So every text runs on its own (never padded), on one of ``lanes`` lanes (this class's
+``lanes = 0``: one per core, each with cores / lanes threads; the hop's configured default
+is 1) that the batcher keeps busy in parallel
 (``batch_limit`` = 1); a lone text on an idle engine runs on every core instead
 (``embed_alone``), which is what a single caller waits for. ``lanes = 1`` runs every text
 on every core, one at a time: less throughput, lower latency under load.
