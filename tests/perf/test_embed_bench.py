@@ -58,6 +58,7 @@ def _phases() -> dict:
         "embed_interleaved": {
             "inprocess_ms": {"p50": 10.0}, "server_ms": {"p50": 11.5},
             "server_reported_compute_ms": {"p50": 10.2},
+            "rpc_floor": {"overhead_p50_ms": 0.9},
         },
         "echo_closed": load(2000.0, 20.0, 40.0),
         "embed_single": load(80.0, 11.5, 20.0),
@@ -75,6 +76,7 @@ def test_figures_are_ratios_within_the_run() -> None:
     figures = run_figures(_phases())
     assert figures["throughput_ratio"] == pytest.approx(0.95)
     assert figures["single_overhead_ms"] == pytest.approx(1.5)
+    assert figures["single_floor_overhead_ms"] == pytest.approx(0.9)
     assert figures["inprocess_best_sorted"] == 1.0
     assert figures["overload_answered_pct"] == pytest.approx(100.0)
     assert figures["overload_p99_vs_single_p99"] == pytest.approx(1.8)
