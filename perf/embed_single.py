@@ -7,8 +7,8 @@ its own process (the client process; the server is a separate process) on the en
 server runs (``--engine``: ``onnx``, the server's default, one text on every core as a
 lone caller's text runs in the server; ``torch``, ``SentenceTransformer.encode``) and
 alternates, for ``--rounds`` rounds, a block of in-process encodes and a block of gRPC
-``Embed`` calls on the *same* texts, one text per call, one call at a time; which side
-goes first alternates by round. The overhead is the difference of the two
+``Embed`` calls on the *same* texts, one text per call, one call at a time; each side
+leads a round in turn. The overhead is the difference of the two
 sides' p50s; the server's own reported compute time is kept beside it.
 
 With ``--echo-target`` (a ``perf.echo_server``) each round has a third block: ``Hold``
