@@ -18,19 +18,27 @@ engine (the floor of the server's single-caller latency).
 
 Run as its own process while the servers are idle:
 ``python -m perf.embed_baseline --json-out perf/results/embed_baseline.json``.
+
+``--blocks`` turns the process into a worker that times one setting again per request: a
+JSON line on stdin (``{"mode": "onnx-lanes", "batch_size": 1, "lanes": 2, "seconds": 8}``,
+a row of the table above plus a time) gets one JSON result line on stdout, until stdin
+closes. The engines load on first use and stay loaded, so a benchmark can alternate
+in-process blocks with load on the server (``perf.embed_bench``) without reloading the
+model each time.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from perf.report import emit_json, latency_summary
 from perf.scenarios import MSMARCO_CORPUS, shuffled_texts
@@ -208,13 +216,55 @@ def run_baseline(
         "model_load_s": round(load_s, 2),
         "seconds_per_batch_size": seconds,
         "batch_sizes": per_size,
-        "best": {"mode": best["mode"], "batch_size": best["batch_size"], "texts_per_s": best["texts_per_s"]},
+        "best": {
+            "mode": best["mode"], "batch_size": best["batch_size"], "lanes": best.get("lanes"),
+            "texts_per_s": best["texts_per_s"],
+        },
         "single_text_p50_ms": single["call_latency_ms"]["p50"] if single else None,
         "single_text_p99_ms": single["call_latency_ms"]["p99"] if single else None,
         "onnx_single_text_p50_ms": onnx_single["call_latency_ms"]["p50"] if onnx_single else None,
         "onnx_single_text_p99_ms": onnx_single["call_latency_ms"]["p99"] if onnx_single else None,
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "pid": os.getpid()},
     }
+
+
+def measure_setting(
+    engines: dict[str, Any], texts: list[str], setting: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """Time one setting of the result table (its ``mode``, ``batch_size`` and, for ONNX
+    lanes, ``lanes``) for ``seconds``; ``engines`` caches the loaded models by engine."""
+    mode = setting["mode"]
+    if mode in ("onnx-lanes", "onnx-alone"):
+        if "onnx" not in engines:
+            engines["onnx"] = load_onnx()
+        lanes = int(setting.get("lanes") or engines["onnx"].lanes) if mode == "onnx-lanes" else 0
+        return measure_onnx(engines["onnx"], texts, lanes, seconds, 2)
+    if mode not in ("sorted", "fixed"):
+        raise ValueError(f"unknown baseline mode {mode!r}")
+    if "torch" not in engines:
+        engines["torch"] = load_model()
+    if mode == "sorted":
+        return measure_sorted(engines["torch"], texts, int(setting["batch_size"]), seconds)
+    return measure_batch_size(engines["torch"], texts, int(setting["batch_size"]), seconds, 2)
+
+
+def serve_blocks(
+    requests: TextIO, results: TextIO, texts: list[str], engines: dict[str, Any] | None = None
+) -> int:
+    """Worker mode: for each JSON setting read from ``requests`` (one per line, with
+    ``seconds``), time it and write its result row as one JSON line to ``results``.
+    Returns the number of blocks served once ``requests`` closes."""
+    engines = {} if engines is None else engines
+    served = 0
+    for line in requests:
+        if not line.strip():
+            continue
+        setting = json.loads(line)
+        row = measure_setting(engines, texts, setting, float(setting["seconds"]))
+        results.write(json.dumps(row) + "\n")
+        results.flush()
+        served += 1
+    return served
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--no-onnx", action="store_true", help="torch settings only")
     parser.add_argument("--json-out", type=Path, help="write the result here (default: stdout)")
+    parser.add_argument(
+        "--blocks", action="store_true",
+        help="worker mode: time one JSON setting per stdin line, one JSON result per stdout line",
+    )
     args = parser.parse_args(argv)
+    if args.blocks:
+        results = sys.stdout
+        sys.stdout = sys.stderr  # whatever the libraries print stays off the result stream
+        try:
+            serve_blocks(sys.stdin, results, shuffled_texts(args.corpus, args.seed))
+        finally:
+            sys.stdout = results
+        return 0
     sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
     sorted_sizes = tuple(int(s) for s in args.sorted_batch_sizes.split(",") if s.strip())
     result = run_baseline(

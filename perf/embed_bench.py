@@ -10,7 +10,10 @@ processes, then, ``--runs`` times (servers idle between phases):
    and gRPC calls of the same texts, alternating in blocks in one client process -- the
    single-caller overhead (drift of the machine hits both sides alike) -- with a third
    block of echo ``Hold`` calls as long as an encode: that overhead's floor;
-4. embed, 64 callers of one text each -- saturation throughput;
+4. embed, 64 callers of one text each -- saturation throughput, in rounds alternating
+   with in-process blocks of the baseline's best setting (``perf.embed_baseline
+   --blocks``, one worker process that keeps the model loaded), each round's ratio taken
+   within the round, so the machine's drift over minutes hits both sides alike;
 5. embed, open loop at 0.5x saturation -- p99 at half load;
 6. embed, open loop at 3x saturation -- overload: every request answered (OK or
    RESOURCE_EXHAUSTED), server RSS bounded, admitted p99 vs unloaded p99.
@@ -20,7 +23,8 @@ to ``perf/results/embed.json`` and ``perf/results/embed.md``; raw per-phase JSON
 servers' logs go under ``perf/results/embed_raw/``.
 
 ``python -m perf.embed_bench`` (defaults: 3 runs, 20 s windows); a quick smoke:
-``python -m perf.embed_bench --runs 1 --duration 3 --warmup 1 --baseline-seconds 1``.
+``python -m perf.embed_bench --runs 1 --duration 3 --warmup 1 --baseline-seconds 1
+--saturation-rounds 2 --saturation-seconds 2``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import select
@@ -186,6 +191,42 @@ def start_backbone_server(
     return server
 
 
+class InProcessWorker:
+    """``perf.embed_baseline --blocks`` in its own process: times a setting on request,
+    with the model kept loaded between requests."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "perf.embed_baseline", "--blocks", "--seed", str(args.seed)],
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+
+    def measure(self, setting: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Time ``setting`` (a baseline row's mode, batch size, lanes) for ``seconds``."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = {k: setting.get(k) for k in ("mode", "batch_size", "lanes")}
+        try:
+            self.proc.stdin.write(json.dumps({**request, "seconds": seconds}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # reported below, with the exit code
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"in-process worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the worker (EOF on its stdin), killing it if it does not leave."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
 # --- phases -------------------------------------------------------------------------------
 
 
@@ -232,12 +273,13 @@ def run_loadgen(
     concurrency: int | None = None,
     rate: float | None = None,
     extra: list[str] | None = None,
+    duration: float | None = None,
 ) -> dict[str, Any]:
     """One ``python -m perf.loadgen`` phase in its own process; its JSON."""
     cmd = [
         sys.executable, "-m", "perf.loadgen", scenario,
         "--target", server.target,
-        "--duration", str(args.duration),
+        "--duration", str(args.duration if duration is None else duration),
         "--warmup", str(args.warmup),
         "--timeout", str(args.timeout),
         "--seed", str(args.seed),
@@ -256,7 +298,39 @@ def run_loadgen(
     return read_json(out_path)
 
 
-def run_once(args: argparse.Namespace, index: int, echo: ServerProcess, embed: ServerProcess, raw_dir: Path) -> dict[str, Any]:
+def run_saturation(
+    args: argparse.Namespace, embed: ServerProcess, worker: InProcessWorker,
+    setting: dict[str, Any], prefix: str,
+) -> list[dict[str, Any]]:
+    """Rounds of an in-process block of ``setting`` and a block of 64 callers on the
+    server, the two leading a round in turn; each round's two results."""
+    rounds = []
+    for r in range(1, args.saturation_rounds + 1):
+        def server_block() -> dict[str, Any]:
+            return run_loadgen(
+                args, "embed", embed, Path(f"{prefix}_embed_saturation{r}.json"),
+                concurrency=args.concurrency, duration=args.saturation_seconds,
+            )
+
+        if r % 2:
+            inprocess = worker.measure(setting, args.saturation_seconds)
+            server = server_block()
+        else:
+            server = server_block()
+            inprocess = worker.measure(setting, args.saturation_seconds)
+        print(
+            f"[bench]   round {r}: server {server['items_per_s']:.1f} vs in-process "
+            f"{inprocess['texts_per_s']:.1f} texts/s",
+            file=sys.stderr,
+        )
+        rounds.append({"round": r, "inprocess": inprocess, "server": server})
+    return rounds
+
+
+def run_once(
+    args: argparse.Namespace, index: int, echo: ServerProcess, embed: ServerProcess,
+    raw_dir: Path, worker: InProcessWorker,
+) -> dict[str, Any]:
     """All phases of one run; the per-phase results plus this run's ratios."""
     prefix = raw_dir / f"run{index}"
     phases: dict[str, Any] = {}
@@ -276,11 +350,17 @@ def run_once(args: argparse.Namespace, index: int, echo: ServerProcess, embed: S
     note("embed, 1 caller, interleaved with in-process encodes")
     phases["embed_interleaved"] = run_single(args, embed, echo, Path(f"{prefix}_embed_interleaved.json"))
     time.sleep(args.cooldown)
-    note(f"embed, {args.concurrency} callers")
-    phases["embed_saturation"] = run_loadgen(
-        args, "embed", embed, Path(f"{prefix}_embed_saturation.json"), concurrency=args.concurrency
+    best = phases["baseline"]["best"]
+    note(
+        f"embed, {args.concurrency} callers, {args.saturation_rounds} rounds alternating with "
+        f"in-process {best['mode']} (batch {best['batch_size']})"
     )
-    saturation_rps = phases["embed_saturation"]["throughput_rps"]
+    rounds = run_saturation(args, embed, worker, best, str(prefix))
+    phases["saturation_rounds"] = rounds
+    # The round with the median server throughput stands for the phase (plot, rates).
+    by_rate = sorted(rounds, key=lambda r: r["server"]["items_per_s"])
+    phases["embed_saturation"] = by_rate[(len(by_rate) - 1) // 2]["server"]
+    saturation_rps = median(r["server"]["throughput_rps"] for r in rounds)
     if not saturation_rps > 0:
         raise RuntimeError(f"embed saturation phase got no OK answers: {phases['embed_saturation']['errors_by_status']}")
     time.sleep(args.cooldown)
@@ -310,7 +390,8 @@ def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[
     """The judged figures of one run, each against something measured in that run."""
     base = phases["baseline"]
     single = phases["embed_single"]
-    sat = phases["embed_saturation"]
+    rounds = phases["saturation_rounds"]
+    servers = [r["server"] for r in rounds]
     half = phases["embed_half"]
     over = phases["embed_overload"]
     echo = phases["echo_closed"]
@@ -326,15 +407,24 @@ def run_figures(phases: dict[str, Any], rss_growth_limit: float = 0.25) -> dict[
     base_single = dig(paired, "inprocess_ms.p50")
     return {
         "inprocess_best_texts_per_s": base["best"]["texts_per_s"],
+        # The same setting timed again in blocks interleaved with the server's rounds.
+        "inprocess_interleaved_texts_per_s": median(r["inprocess"]["texts_per_s"] for r in rounds),
         "inprocess_best_batch_size": base["best"]["batch_size"],
         "inprocess_best_sorted": 1.0 if base["best"].get("mode") == "sorted" else 0.0,
         "inprocess_single_p50_ms": base_single,
         "server_single_compute_p50_ms": dig(paired, "server_reported_compute_ms.p50"),
-        "saturation_texts_per_s": sat["items_per_s"],
-        "saturation_rps": sat["throughput_rps"],
-        "saturation_p50_ms": dig(sat, "latency_ms.p50"),
-        "saturation_p99_ms": dig(sat, "latency_ms.p99"),
-        "throughput_ratio": _ratio(sat["items_per_s"], base["best"]["texts_per_s"]),
+        "saturation_texts_per_s": median(s["items_per_s"] for s in servers),
+        "saturation_rps": median(s["throughput_rps"] for s in servers),
+        "saturation_p50_ms": median(dig(s, "latency_ms.p50") for s in servers),
+        "saturation_p99_ms": median(dig(s, "latency_ms.p99") for s in servers),
+        "saturation_refused_share": _ratio(
+            sum(s["errors_by_status"].get("RESOURCE_EXHAUSTED", 0) for s in servers),
+            sum(s["counts"]["issued"] for s in servers),
+        ),
+        # Within each round, then the median over the rounds.
+        "throughput_ratio": median(
+            _ratio(r["server"]["items_per_s"], r["inprocess"]["texts_per_s"]) for r in rounds
+        ),
         "single_p50_ms": single_p50,
         "single_p99_ms": dig(single, "latency_ms.p99"),
         "single_overhead_ms": None if single_p50 is None or base_single is None else single_p50 - base_single,
@@ -395,10 +485,14 @@ def markdown_report(summary: dict[str, Any], runs: list[dict[str, Any]], meta: d
     ok = summary["pass"]
     rows = [
         (
-            f"server throughput, {meta['concurrency']} callers x 1 text / in-process best batch",
+            f"server throughput, {meta['concurrency']} callers x 1 text / in-process best batch "
+            f"(rounds alternating the two, ratio within each round)",
             f"{fmt(m['throughput_ratio'], 3)} ({fmt(m['saturation_texts_per_s'])} vs "
-            f"{fmt(m['inprocess_best_texts_per_s'])} texts/s @ batch {fmt(m['inprocess_best_batch_size'], 0)}"
-            f"{', length-sorted' if m['inprocess_best_sorted'] else ''})",
+            f"{fmt(m['inprocess_interleaved_texts_per_s'])} texts/s @ batch {fmt(m['inprocess_best_batch_size'], 0)}"
+            f"{', length-sorted' if m['inprocess_best_sorted'] else ''}; "
+            f"{fmt(None if m['saturation_refused_share'] is None else 100 * m['saturation_refused_share'])}% "
+            f"of the server's calls refused; best in the baseline phase "
+            f"{fmt(m['inprocess_best_texts_per_s'])} texts/s)",
             f">= {THROUGHPUT_RATIO_MIN:.2f}",
             ok["throughput_ratio"],
         ),
@@ -449,7 +543,7 @@ def markdown_report(summary: dict[str, Any], runs: list[dict[str, Any]], meta: d
     per_run = [
         (
             r["run"],
-            r["figures"]["inprocess_best_texts_per_s"],
+            r["figures"]["inprocess_interleaved_texts_per_s"],
             r["figures"]["saturation_texts_per_s"],
             r["figures"]["throughput_ratio"],
             r["figures"]["inprocess_single_p50_ms"],
@@ -472,7 +566,7 @@ def markdown_report(summary: dict[str, Any], runs: list[dict[str, Any]], meta: d
         + "\n## Per run\n\n"
         + markdown_table(
             [
-                "run", "in-process best texts/s", f"server texts/s ({meta['concurrency']} callers)", "ratio", "in-process single p50 ms",
+                "run", "in-process best texts/s (interleaved)", f"server texts/s ({meta['concurrency']} callers)", "ratio", "in-process single p50 ms",
                 "server single p50 ms", "bare call holding as long, +ms", "half-load p99 ms", "overload answered %", "overload p99 / single p99",
                 "overload RSS max MiB", "echo req/s",
             ],
@@ -533,6 +627,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single-rounds", type=int, default=8, help="interleaved single-caller rounds")
     parser.add_argument("--single-block", type=int, default=25, help="calls per side per interleaved round")
     parser.add_argument("--concurrency", type=int, default=64, help="callers for the saturation and echo phases")
+    parser.add_argument(
+        "--saturation-rounds", type=int, default=4,
+        help="rounds of the saturation phase, each an in-process block and a server block (default 4)",
+    )
+    parser.add_argument(
+        "--saturation-seconds", type=float, default=8.0,
+        help="measured seconds of each block of a saturation round (default 8; the server's "
+        "block also gets --warmup)",
+    )
     parser.add_argument("--half-load", type=float, default=0.5, help="fraction of saturation for the p99 phase")
     parser.add_argument("--overload", type=float, default=3.0, help="multiple of saturation for the overload phase")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default 10)")
@@ -588,8 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     runs: list[dict[str, Any]] = []
     with _servers(args, raw_dir) as (echo, embed, server_command):
-        for index in range(1, args.runs + 1):
-            runs.append(run_once(args, index, echo, embed, raw_dir))
+        worker = InProcessWorker(args)
+        try:
+            for index in range(1, args.runs + 1):
+                runs.append(run_once(args, index, echo, embed, raw_dir, worker))
+        finally:
+            worker.close()
     summary = summarize(runs)
     plot_note = plot_latency_vs_load(runs, out_dir / "embed_latency_vs_load.png")
     meta = {
@@ -602,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         "overload": args.overload,
         "duration": args.duration,
         "warmup": args.warmup,
+        "saturation_rounds": args.saturation_rounds,
+        "saturation_seconds": args.saturation_seconds,
         "baseline_seconds": args.baseline_seconds,
         "timeout": args.timeout,
         "plot_note": plot_note,

@@ -63,6 +63,16 @@ def _phases() -> dict:
         "echo_closed": load(2000.0, 20.0, 40.0),
         "embed_single": load(80.0, 11.5, 20.0),
         "embed_saturation": load(95.0, 600.0, 900.0),
+        # In-process blocks interleaved with the server's: the ratio is taken per round
+        # (0.95, 0.90, 1.00), not from the baseline phase's best (100 texts/s).
+        "saturation_rounds": [
+            {"round": 1, "inprocess": {"texts_per_s": 100.0}, "server": load(95.0, 600.0, 900.0)},
+            {"round": 2, "inprocess": {"texts_per_s": 100.0}, "server": load(90.0, 610.0, 950.0)},
+            {"round": 3, "inprocess": {"texts_per_s": 80.0}, "server": load(
+                80.0, 590.0, 800.0, counts={"issued": 200, "ok": 100, "errors": 100, "dropped_by_client": 0},
+                errors={"RESOURCE_EXHAUSTED": 100},
+            )},
+        ],
         "embed_half": load(47.5, 30.0, 80.0, rate=47.5),
         "embed_overload": load(
             95.0, 35.0, 36.0, rate=285.0,
@@ -75,6 +85,10 @@ def _phases() -> dict:
 def test_figures_are_ratios_within_the_run() -> None:
     figures = run_figures(_phases())
     assert figures["throughput_ratio"] == pytest.approx(0.95)
+    assert figures["saturation_texts_per_s"] == pytest.approx(90.0)
+    assert figures["inprocess_interleaved_texts_per_s"] == pytest.approx(100.0)
+    assert figures["saturation_p99_ms"] == pytest.approx(900.0)
+    assert figures["saturation_refused_share"] == pytest.approx(100 / 400)
     assert figures["single_overhead_ms"] == pytest.approx(1.5)
     assert figures["single_floor_overhead_ms"] == pytest.approx(0.9)
     assert figures["inprocess_best_sorted"] == 1.0
@@ -111,3 +125,31 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails like when absent
     note = embed_bench.plot_latency_vs_load([], tmp_path / "p.png")
     assert "skipped" in note and not (tmp_path / "p.png").exists()
+
+
+class _Worker:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def measure(self, setting, seconds):
+        self.log.append(("in-process", setting["mode"], seconds))
+        return {"texts_per_s": 50.0}
+
+
+def test_saturation_rounds_alternate_which_side_leads(monkeypatch) -> None:
+    log: list = []
+
+    def loadgen(args, scenario, server, out_path, *, concurrency=None, duration=None, **_):
+        log.append(("server", concurrency, duration))
+        return {"items_per_s": 45.0}
+
+    monkeypatch.setattr(embed_bench, "run_loadgen", loadgen)
+    args = embed_bench.build_parser().parse_args(["--saturation-rounds", "3", "--saturation-seconds", "5"])
+    rounds = embed_bench.run_saturation(args, None, _Worker(log), {"mode": "onnx-lanes"}, "/tmp/x")
+    assert log == [
+        ("in-process", "onnx-lanes", 5.0), ("server", 64, 5.0),
+        ("server", 64, 5.0), ("in-process", "onnx-lanes", 5.0),
+        ("in-process", "onnx-lanes", 5.0), ("server", 64, 5.0),
+    ]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["inprocess"]["texts_per_s"] == 50.0 and r["server"]["items_per_s"] == 45.0 for r in rounds)
