@@ -5,7 +5,8 @@ contract's other services), open the port with health reporting NOT_SERVING, the
 the hops one by one (load, warm, probe); each hop's services turn SERVING when its start
 returns, the overall status ("") when all have. A watchdog turns a hop's services
 NOT_SERVING when one of its background tasks dies. Shutdown flips health first, then lets
-in-flight calls finish within the grace period, then stops the hops.
+in-flight calls finish within the grace period (calls still running just before it ends
+are answered UNAVAILABLE, so a client may retry them elsewhere), then stops the hops.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ CONTRACT_MODULES = (
     "backbone.v1.router_service_pb2",
 )
 WATCHDOG_PERIOD_S = 1.0
+# Shutdown: calls still running this long before the grace period ends (at most half of
+# it) are answered by the server, ahead of gRPC core's own cut.
+CUT_MARGIN_S = 0.5
 
 
 def contract_services() -> list[str]:
@@ -132,6 +136,7 @@ class BackboneServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._guard = GuardInterceptor(config.server.auth_token)
         self._watchdog: asyncio.Task | None = None
         self._ready = asyncio.Event()
 
@@ -144,7 +149,7 @@ class BackboneServer:
         """Open the port (health NOT_SERVING), then start every hop and report SERVING."""
         s = self.config.server
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), GuardInterceptor(s.auth_token)],
+            interceptors=[MetricsInterceptor(), self._guard],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -206,7 +211,16 @@ class BackboneServer:
             self._watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            # gRPC refuses new calls from here on and cuts the ones still running when the
+            # grace ends with a bare "Cancelling all calls" (no ErrorInfo, unlike every
+            # other error here): answer those UNAVAILABLE, reason UNAVAILABLE, a little before.
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            await asyncio.wait({stopping}, timeout=grace - min(CUT_MARGIN_S, grace / 2))
+            if not stopping.done():
+                cut = self._guard.in_flight.cut()
+                if cut:
+                    log.warning("grace period over: %d call(s) still in flight answered UNAVAILABLE", cut)
+            await stopping
         for hop in reversed(self.hops):
             try:
                 await hop.stop()

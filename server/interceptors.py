@@ -1,4 +1,4 @@
-"""Server interceptors: error mapping, bearer-token auth, RPC metrics.
+"""Server interceptors: error mapping, bearer-token auth, calls in flight, RPC metrics.
 
 Each interceptor wraps the method handler's behaviour function, whatever its arity
 (unary or streaming in, unary or streaming out), so one mechanism serves all four kinds.
@@ -6,6 +6,7 @@ Each interceptor wraps the method handler's behaviour function, whatever its ari
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
@@ -18,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
-from server.errors import ERROR_DOMAIN, BackboneError, NotImplementedYet, Unauthenticated
+from server.errors import ERROR_DOMAIN, BackboneError, NotImplementedYet, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -74,32 +75,94 @@ def _wrap_behaviour(handler: grpc.RpcMethodHandler, around: UnaryAround) -> grpc
     return handler
 
 
-def _around(method: str, streaming_out: bool, check: Callable[[grpc.aio.ServicerContext], None]):
-    """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status."""
+class InFlight:
+    """The handler tasks of the calls running now, so a shutdown can answer the ones still
+    running when its grace runs out itself (UNAVAILABLE with its ErrorInfo, which a client
+    may retry on another replica) instead of leaving them to gRPC core's bare cut."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+        self._cutting = False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def enter(self) -> asyncio.Task | None:
+        """Register the calling handler's task (None outside a task)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        return task
+
+    def leave(self, task: asyncio.Task | None) -> None:
+        """Forget a handler's task once its call ends."""
+        if task is not None:
+            self._tasks.discard(task)
+
+    def cut(self) -> int:
+        """Cancel every running handler; each ends its call with UNAVAILABLE. Returns how
+        many were running."""
+        self._cutting = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+    def shutting_down(self) -> bool:
+        """True once ``cut`` ran: a cancellation then comes from the shutdown, not from
+        the caller."""
+        return self._cutting
+
+
+SHUTDOWN_MESSAGE = "the server is shutting down; retry the call (on another replica)"
+
+
+def _around(
+    method: str,
+    streaming_out: bool,
+    check: Callable[[grpc.aio.ServicerContext], None],
+    in_flight: InFlight,
+):
+    """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status,
+    keep the call's task in ``in_flight`` while it runs."""
 
     def wrap(fn: Behaviour) -> Behaviour:
         if _yields_responses(fn, streaming_out):
 
             async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
+                task = in_flight.enter()
                 try:
                     check(context)
                     async for response in fn(request, context):
                         yield response
+                except asyncio.CancelledError:
+                    if not in_flight.shutting_down():
+                        raise  # the caller left: nothing to answer
+                    await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
                 except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
                     if _is_abort(exc):
                         raise
                     await abort_with(context, _as_backbone_error(exc, method))
+                finally:
+                    in_flight.leave(task)
 
             return stream_wrapper
 
         async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
+            task = in_flight.enter()
             try:
                 check(context)
                 return await fn(request, context)
+            except asyncio.CancelledError:
+                if not in_flight.shutting_down():
+                    raise  # the caller left: nothing to answer
+                await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
             except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
                 if _is_abort(exc):
                     raise
                 await abort_with(context, _as_backbone_error(exc, method))
+            finally:
+                in_flight.leave(task)
 
         return unary_wrapper
 
@@ -119,11 +182,13 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (when configured) before any work, and maps every error
-    a handler raises to a canonical status with exactly one ErrorInfo (never UNKNOWN)."""
+    """Checks the bearer token (when configured) before any work, maps every error a
+    handler raises to a canonical status with exactly one ErrorInfo (never UNKNOWN), and
+    keeps the calls in flight (``in_flight``) for the shutdown."""
 
     def __init__(self, auth_token: str = "") -> None:
         self._expected = f"Bearer {auth_token}".encode() if auth_token else b""
+        self.in_flight = InFlight()
 
     def _checker(self, method: str) -> Callable[[grpc.aio.ServicerContext], None]:
         if not self._expected or method.startswith(OPEN_METHOD_PREFIXES):
@@ -152,7 +217,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        around = _around(method, handler.response_streaming, self._checker(method))
+        around = _around(method, handler.response_streaming, self._checker(method), self.in_flight)
         return _wrap_behaviour(handler, around)
 
 

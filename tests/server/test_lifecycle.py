@@ -30,6 +30,7 @@ from server_fakes import (
     FakeEmbeddingHop,
     embed_request,
     health_status,
+    only_error_info,
     wait_for_health,
 )
 from tests.conftest import make_config, running
@@ -196,24 +197,63 @@ async def test_graceful_shutdown_flips_health_first_and_lets_in_flight_calls_fin
             await asyncio.gather(stopping, return_exceptions=True)
 
 
-async def test_in_flight_calls_past_the_grace_are_cut_and_the_server_stops():
+async def test_in_flight_calls_past_the_grace_are_answered_unavailable_and_the_server_stops():
     hop = FakeEmbeddingHop()
     server = BackboneServer(make_config(), [hop])
     await server.start()
-    hop.call_gate = asyncio.Event()  # never set before the stop
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = emb_grpc.EmbeddingServiceStub(channel)
-            in_flight = asyncio.create_task(embed(stub))
+            # a stream that got one answer, then one call of each kind held in the hop
+            stream = stub.EmbedStream(timeout=30)
+            await stream.write(emb_pb2.EmbedStreamRequest(request=embed_request("a"), id="1"))
+            assert (await asyncio.wait_for(stream.read(), 10)).id == "1"
+            hop.call_gate = asyncio.Event()  # never set before the stop
+            hop.call_entered.clear()
+            await stream.write(emb_pb2.EmbedStreamRequest(request=embed_request("b"), id="2"))
             await asyncio.wait_for(hop.call_entered.wait(), 10)
-            await asyncio.wait_for(server.stop(grace=0.2), 10)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await asyncio.wait_for(in_flight, 10)
-            assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            hop.call_entered.clear()
+            unary = asyncio.create_task(embed(stub))
+            await asyncio.wait_for(hop.call_entered.wait(), 10)
+
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(server.stop(grace=1.0), 10)
+            took = asyncio.get_running_loop().time() - started
+            # answered by the server before gRPC core's own cut at the end of the grace
+            # (a bare "Cancelling all calls" with no ErrorInfo), with a status a client may
+            # retry and the usual single ErrorInfo
+            for call in (unary, stream.read()):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(call, 10)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+                assert only_error_info(caught.value).reason == "UNAVAILABLE"
+                assert "shutting down" in caught.value.details()
+            assert 0.4 <= took < 0.9, took
         assert hop.stopped
     finally:
-        hop.call_gate.set()
+        if hop.call_gate is not None:
+            hop.call_gate.set()
         await server.stop(grace=0)  # idempotent
+
+
+async def test_a_caller_that_leaves_is_not_answered_for_and_the_server_keeps_serving():
+    hop = FakeEmbeddingHop()
+    async with running(make_config(), [hop]) as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = emb_grpc.EmbeddingServiceStub(channel)
+            hop.call_gate = asyncio.Event()
+            call = stub.Embed(embed_request(), timeout=30)
+            await asyncio.wait_for(hop.call_entered.wait(), 10)
+            call.cancel()
+            assert await call.code() == grpc.StatusCode.CANCELLED
+            # the cancelled handler has left the calls in flight, which the shutdown cuts
+            for _ in range(100):
+                if not len(server._guard.in_flight):
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server._guard.in_flight) == 0
+            hop.call_gate.set()
+            assert list((await embed(stub, "abc")).embeddings[0].values) == [0.0, 3.0]
 
 
 async def test_watchdog_turns_an_unhealthy_hop_not_serving(monkeypatch):
