@@ -684,7 +684,10 @@ def _servers(args: argparse.Namespace, log_dir: Path) -> Iterator[tuple[ServerPr
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m perf.embed_bench``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.saturation_rounds < 1 or args.saturation_seconds <= 0:
+        parser.error("--saturation-rounds must be at least 1 and --saturation-seconds positive")
     out_dir: Path = args.out_dir
     raw_dir = out_dir / "embed_raw"
     raw_dir.mkdir(parents=True, exist_ok=True)

@@ -153,3 +153,12 @@ def test_saturation_rounds_alternate_which_side_leads(monkeypatch) -> None:
     ]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["inprocess"]["texts_per_s"] == 50.0 and r["server"]["items_per_s"] == 45.0 for r in rounds)
+
+
+@pytest.mark.parametrize("flags", [["--saturation-rounds", "0"], ["--saturation-seconds", "0"]])
+def test_a_saturation_phase_without_a_round_is_refused_at_once(flags, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        embed_bench.main([*flags, "--out-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "--saturation-rounds must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "embed_raw").exists()  # nothing started
