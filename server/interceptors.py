@@ -103,7 +103,7 @@ class InFlight:
         """Cancel every running handler; each ends its call with UNAVAILABLE. Returns how
         many were running."""
         self._cutting = True
-        tasks = list(self._tasks)
+        tasks = [task for task in self._tasks if not task.done()]
         for task in tasks:
             task.cancel()
         return len(tasks)
