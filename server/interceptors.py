@@ -75,38 +75,52 @@ def _wrap_behaviour(handler: grpc.RpcMethodHandler, around: UnaryAround) -> grpc
     return handler
 
 
+class _Call:
+    """A call in flight: its handler task, and whether gRPC is sending a streamed response
+    of it (the handler is suspended at its ``yield``)."""
+
+    __slots__ = ("task", "sending")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.sending = False
+
+
 class InFlight:
-    """The handler tasks of the calls running now, so a shutdown can answer the ones still
-    running when its grace runs out itself (UNAVAILABLE with its ErrorInfo, which a client
-    may retry on another replica) instead of leaving them to gRPC core's bare cut."""
+    """The calls running now, so a shutdown can answer the ones still running when its
+    grace runs out itself (UNAVAILABLE with its ErrorInfo, which a client may retry on
+    another replica) instead of leaving them to gRPC core's bare cut."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
+        self._calls: dict[asyncio.Task, _Call] = {}
         self._cutting = False
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._calls)
 
-    def enter(self) -> asyncio.Task | None:
+    def enter(self) -> _Call | None:
         """Register the calling handler's task (None outside a task)."""
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        return task
+        if task is None:
+            return None
+        call = self._calls[task] = _Call(task)
+        return call
 
-    def leave(self, task: asyncio.Task | None) -> None:
-        """Forget a handler's task once its call ends."""
-        if task is not None:
-            self._tasks.discard(task)
+    def leave(self, call: _Call | None) -> None:
+        """Forget a call once it ends."""
+        if call is not None:
+            self._calls.pop(call.task, None)
 
     def cut(self) -> int:
-        """Cancel every running handler; each ends its call with UNAVAILABLE. Returns how
-        many were running."""
+        """End every running call with UNAVAILABLE: cancel its handler, or, while gRPC is
+        sending one of its streamed responses (a cancel there would surface as CANCELLED),
+        let the handler answer as soon as that send is done. Returns how many ran."""
         self._cutting = True
-        tasks = [task for task in self._tasks if not task.done()]
-        for task in tasks:
-            task.cancel()
-        return len(tasks)
+        live = [call for call in self._calls.values() if not call.task.done()]
+        for call in live:
+            if not call.sending:
+                call.task.cancel()
+        return len(live)
 
     def shutting_down(self) -> bool:
         """True once ``cut`` ran: a cancellation then comes from the shutdown, not from
@@ -130,11 +144,19 @@ def _around(
         if _yields_responses(fn, streaming_out):
 
             async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext):
-                task = in_flight.enter()
+                call = in_flight.enter()
+                responses = None
                 try:
                     check(context)
-                    async for response in fn(request, context):
+                    responses = fn(request, context)
+                    async for response in responses:
+                        if call is not None:
+                            call.sending = True
                         yield response
+                        if call is not None:
+                            call.sending = False
+                        if in_flight.shutting_down():  # cut while gRPC was sending
+                            await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
                 except asyncio.CancelledError:
                     if not in_flight.shutting_down():
                         raise  # the caller left: nothing to answer
@@ -144,12 +166,20 @@ def _around(
                         raise
                     await abort_with(context, _as_backbone_error(exc, method))
                 finally:
-                    in_flight.leave(task)
+                    in_flight.leave(call)
+                    # left mid-stream (abort, caller gone): the handler's own cleanup runs
+                    # now, not whenever its generator is collected
+                    close = getattr(responses, "aclose", None)
+                    if close is not None:
+                        try:
+                            await close()
+                        except Exception:  # noqa: BLE001 - the call's outcome is set already
+                            log.exception("closing the response stream of %s failed", method)
 
             return stream_wrapper
 
         async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
-            task = in_flight.enter()
+            call = in_flight.enter()
             try:
                 check(context)
                 return await fn(request, context)
@@ -162,7 +192,7 @@ def _around(
                     raise
                 await abort_with(context, _as_backbone_error(exc, method))
             finally:
-                in_flight.leave(task)
+                in_flight.leave(call)
 
         return unary_wrapper
 

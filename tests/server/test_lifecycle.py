@@ -24,6 +24,7 @@ import server.app as app
 from backbone.v1 import embedding_service_pb2 as emb_pb2
 from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
 from server.app import BackboneServer, contract_services
+from server.interceptors import InFlight, _around
 from server.main import main as server_main
 from server_fakes import (
     EMBEDDING_SERVICE,
@@ -390,3 +391,41 @@ async def test_serve_embedding_process_serves_and_exits_cleanly_on_sigterm(tmp_p
     assert shown["server"]["auth_token"] == "***"
     assert shown["server"]["grace_seconds"] == GRACE_S
     assert "shutting down" in log
+
+
+class _Context:
+    """The part of a grpc.aio servicer context the guard's wrapper uses."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple | None = None
+
+    async def abort(self, code, details, trailing_metadata=()):
+        self.aborted = (code, details, trailing_metadata)
+        raise grpc.aio.AbortError()
+
+
+async def test_a_stream_cut_while_grpc_sends_its_response_is_answered_once_the_send_ends():
+    in_flight = InFlight()
+    closed = []
+
+    async def responses(request, context):
+        try:
+            for i in range(3):
+                yield i
+        finally:
+            closed.append("closed")
+
+    wrapper = _around("/m", True, lambda context: None, in_flight)(responses)
+    context = _Context()
+    stream = wrapper(None, context)
+    assert await stream.__anext__() == 0  # suspended at its yield: gRPC is sending it
+    # counted but not cancelled: a cancel inside gRPC's send would end the call CANCELLED
+    # (here it would cancel this very test's task)
+    assert in_flight.cut() == 1
+    with pytest.raises(grpc.aio.AbortError):
+        await stream.__anext__()
+    code, details, trailers = context.aborted
+    assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+    assert [key for key, _ in trailers] == ["grpc-status-details-bin"]
+    assert closed == ["closed"], "the handler's stream must be closed, not left to the GC"
+    assert len(in_flight) == 0
