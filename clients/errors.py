@@ -164,6 +164,10 @@ class CircuitOpenError(UnavailableError):
     """CIRCUIT_OPEN: the router's breaker is open for every replica of the hop."""
 
 
+class GuardrailBlockedError(InvalidInputError):
+    """A guardrail blocked the request; ``metadata["detector"]`` names it."""
+
+
 class DeadlineTooShortError(DeadlineExceededError):
     """DEADLINE_TOO_SHORT: too little time was left to do the work; nothing was computed."""
 
@@ -213,6 +217,8 @@ BY_REASON: dict[tuple[grpc.StatusCode, str], type[BackboneRpcError]] = {
     (_S.INTERNAL, "INTERNAL"): InternalError,
     (_S.CANCELLED, "CANCELLED"): CancelledRpcError,
     (_S.NOT_FOUND, "NOT_FOUND"): NotFoundError,
+    (_S.FAILED_PRECONDITION, "FAILED_PRECONDITION"): FailedPreconditionError,
+    (_S.INVALID_ARGUMENT, "GUARDRAIL_BLOCKED"): GuardrailBlockedError,
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from retrieval.errors import InvalidArgument
 
 MAX_CONDITIONS = 16
 MAX_IN_VALUES = 1024

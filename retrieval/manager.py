@@ -20,7 +20,7 @@ import msgpack
 from retrieval.collection import SPEC_FILE, Collection
 from retrieval.types import CollectionSpec
 from retrieval.wal import fsync_dir
-from server.errors import AlreadyExists, NotFound
+from retrieval.errors import AlreadyExists, NotFound
 
 log = logging.getLogger(__name__)
 

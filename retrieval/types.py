@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from retrieval.errors import InvalidArgument
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_DIMENSION = 4096

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from router.cost_model import BatchCostModel
-from server.errors import DeadlineTooShort, Overloaded, Unavailable
+from router.errors import DeadlineTooShort, Overloaded, Unavailable
 
 In = TypeVar("In")
 Out = TypeVar("Out")

@@ -1,98 +1,42 @@
-"""Domain errors: what went wrong, in the contract's terms, without any grpc import.
+"""The contract's errors for the server layer: the domain hierarchy of ``router.errors``
+(re-exported here) and the one mapping of lower layers' errors onto it.
 
-Each error names a canonical gRPC status (by its ``grpc.StatusCode`` name) and an
-``ErrorReason`` (the proto enum value's name without the ``ERROR_REASON_`` prefix).
-The error interceptor turns them into a status with exactly one ``google.rpc.ErrorInfo``.
+``as_backbone_error`` is the single place where an error raised below ``server/`` (the
+policy layer's own ``BackboneError`` family, ``retrieval.errors``) becomes what the
+interceptor sends: a canonical status plus exactly one ``google.rpc.ErrorInfo``.
 """
 
 from __future__ import annotations
 
-ERROR_DOMAIN = "backbone.v1"
+from retrieval.errors import RetrievalError
+from router.errors import (
+    ERROR_DOMAIN,
+    AlreadyExists,
+    BackboneError,
+    Cancelled,
+    DeadlineTooShort,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedYet,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = [
+    "ERROR_DOMAIN", "AlreadyExists", "BackboneError", "Cancelled", "DeadlineTooShort",
+    "FailedPrecondition", "InvalidArgument", "NotFound", "NotImplementedYet", "Overloaded",
+    "Unauthenticated", "Unavailable", "as_backbone_error",
+]
 
 
-class BackboneError(Exception):
-    """Base of every error the server reports on purpose."""
-
-    status: str = "INTERNAL"
-    reason: str = "INTERNAL"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: str | None = None,
-        metadata: dict[str, object] | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        if reason is not None:
-            self.reason = reason
-        # Pushback: when set, the status also carries a google.rpc.RetryInfo saying how
-        # long a caller should wait before trying again (a refusal under overload).
-        self.retry_after_s = retry_after_s
-        # ErrorInfo.metadata is map<string, string>.
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
-
-
-class InvalidArgument(BackboneError):
-    """Bad input; nothing was computed. Default reason INVALID_INPUT."""
-
-    status = "INVALID_ARGUMENT"
-    reason = "INVALID_INPUT"
-
-
-class NotFound(BackboneError):
-    """An unknown collection, model or request id (give the specific reason)."""
-
-    status = "NOT_FOUND"
-    reason = "NOT_FOUND"
-
-
-class AlreadyExists(BackboneError):
-    """Creating something that exists."""
-
-    status = "ALREADY_EXISTS"
-    reason = "COLLECTION_EXISTS"
-
-
-class Overloaded(BackboneError):
-    """A bounded queue is full: a fast refusal instead of an unbounded wait."""
-
-    status = "RESOURCE_EXHAUSTED"
-    reason = "OVERLOADED"
-
-
-class Unavailable(BackboneError):
-    """The engine or upstream cannot serve now (not ready, dead, breaker open)."""
-
-    status = "UNAVAILABLE"
-    reason = "UNAVAILABLE"
-
-
-class DeadlineTooShort(BackboneError):
-    """Too little of the deadline is left to do the work; nothing was computed."""
-
-    status = "DEADLINE_EXCEEDED"
-    reason = "DEADLINE_TOO_SHORT"
-
-
-class Unauthenticated(BackboneError):
-    """Missing or wrong bearer token."""
-
-    status = "UNAUTHENTICATED"
-    reason = "UNAUTHENTICATED"
-
-
-class NotImplementedYet(BackboneError):
-    """An RPC of the contract this server does not implement yet."""
-
-    status = "UNIMPLEMENTED"
-    reason = "NOT_IMPLEMENTED"
-
-
-class Cancelled(BackboneError):
-    """The caller went away; the work was dropped."""
-
-    status = "CANCELLED"
-    reason = "CANCELLED"
+def as_backbone_error(exc: BaseException) -> BackboneError | None:
+    """The contract error for ``exc`` when it is one raised on purpose, else None (a bug)."""
+    if isinstance(exc, BackboneError):
+        return exc
+    if isinstance(exc, RetrievalError):
+        err = BackboneError(exc.message, reason=exc.reason, metadata=dict(exc.metadata))
+        err.status = exc.status
+        return err
+    return None

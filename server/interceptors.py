@@ -19,7 +19,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
-from server.errors import ERROR_DOMAIN, BackboneError, NotImplementedYet, Unauthenticated, Unavailable
+from server.errors import (
+    ERROR_DOMAIN,
+    BackboneError,
+    NotImplementedYet,
+    Unauthenticated,
+    Unavailable,
+    as_backbone_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,9 @@ async def abort_with(context: grpc.aio.ServicerContext, err: BackboneError) -> N
 
 
 def _as_backbone_error(exc: BaseException, method: str) -> BackboneError:
-    if isinstance(exc, BackboneError):
-        return exc
+    mapped = as_backbone_error(exc)
+    if mapped is not None:
+        return mapped
     if isinstance(exc, NotImplementedError):
         return NotImplementedYet(f"{method} is not implemented by this server")
     log.exception("unhandled error in %s", method, exc_info=exc)

@@ -15,6 +15,7 @@ import numpy as np
 from backbone.v1 import common_pb2, embedding_service_pb2, embedding_service_pb2_grpc
 from router.batcher import BatchPolicy, BatchTiming, DynamicBatcher
 from server import metrics
+from server.calls import deadline_of, hop_timing
 from server.config import EmbeddingConfig
 from server.engines.embedder import Embedder, SentenceTransformerEmbedder
 from server.errors import InvalidArgument, NotFound, Unavailable
@@ -276,24 +277,15 @@ def to_response(result: EmbedResult, model: str) -> embedding_service_pb2.EmbedR
         dimensions=dims,
         usage=common_pb2.Usage(prompt_tokens=sum(result.tokens), total_tokens=sum(result.tokens)),
         timings=[
-            common_pb2.HopTiming(
-                hop="embed",
-                queue_us=int(result.timing.queue_s * 1e6),
-                compute_us=int(result.timing.compute_s * 1e6),
-                total_us=int(result.total_s * 1e6),
-                batch_size=result.timing.batch_size,
+            hop_timing(
+                "embed", queue_s=result.timing.queue_s, compute_s=result.timing.compute_s,
+                total_s=result.total_s, batch_size=result.timing.batch_size,
             )
         ],
     )
     for row, tokens, cut in zip(result.vectors.tolist(), result.tokens, result.truncated):
         response.embeddings.add(values=row, tokens=tokens, truncated=cut)
     return response
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline as a time.monotonic() instant, if it has one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):

@@ -93,11 +93,9 @@ def final_message(request_id: str, model: str, final: GenerationFinal) -> pb.Gen
             time_to_first_token_us=us(final.ttft_s),
             time_per_output_token_us=us(final.tpot_s),
             timings=[
-                common_pb2.HopTiming(
-                    hop="generate",
-                    queue_us=us(final.queue_s),
-                    compute_us=us(final.compute_s),
-                    total_us=us(final.total_s),
+                hop_timing(
+                    "generate", queue_s=max(0.0, final.queue_s),
+                    compute_s=max(0.0, final.compute_s), total_s=max(0.0, final.total_s),
                     batch_size=final.batch_size,
                 )
             ],

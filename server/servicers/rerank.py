@@ -19,6 +19,7 @@ import grpc
 from backbone.v1 import common_pb2, rerank_service_pb2, rerank_service_pb2_grpc
 from router.batcher import BatchPolicy, DynamicBatcher
 from server import metrics
+from server.calls import deadline_of, hop_timing
 from server.config import RerankConfig
 from server.engines.reranker import (
     REJECT,
@@ -165,12 +166,9 @@ def to_response(
             prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens
         ),
         timings=[
-            common_pb2.HopTiming(
-                hop=HOP,
-                queue_us=int(outcome.queue_s * 1e6),
-                compute_us=int(outcome.compute_s * 1e6),
-                total_us=int(outcome.total_s * 1e6),
-                batch_size=outcome.batch_size,
+            hop_timing(
+                HOP, queue_s=outcome.queue_s, compute_s=outcome.compute_s,
+                total_s=outcome.total_s, batch_size=outcome.batch_size,
             )
         ],
     )
@@ -182,12 +180,6 @@ def to_response(
             document=documents[result.index] if return_documents else "",
         )
     return response
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline as a time.monotonic() instant, if it has one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class RerankServicer(rerank_service_pb2_grpc.RerankServiceServicer):

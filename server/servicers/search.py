@@ -57,7 +57,9 @@ from retrieval.types import (
     make_spec,
 )
 from router.batcher import BatchPolicy, DynamicBatcher
+from server.calls import deadline_of, hop_timing
 from server.config import Config, SearchConfig
+from retrieval.errors import RetrievalError
 from server.errors import BackboneError, InvalidArgument, Unavailable
 from server.hop import HopContext
 
@@ -102,16 +104,6 @@ def _enum(table: dict[int, Any], value: int, field: str) -> Any:
     if value not in table:
         raise InvalidArgument(f"unknown {field} value {value}", metadata={"field": field})
     return table[value]
-
-
-def _timing(hop: str, queue_s: float, compute_s: float, total_s: float, batch: int):
-    return common_pb2.HopTiming(
-        hop=hop,
-        queue_us=int(queue_s * 1e6),
-        compute_us=int(compute_s * 1e6),
-        total_us=int(total_s * 1e6),
-        batch_size=batch,
-    )
 
 
 def info_to_proto(collection: Collection) -> pb.CollectionInfo:
@@ -317,8 +309,8 @@ class RemoteEmbedding:
         vectors = np.asarray(rows, dtype=np.float32)
         self.dimension = int(vectors.shape[1])
         took = time.perf_counter() - began
-        return vectors, common_pb2.HopTiming(
-            hop="embed", queue_us=queue, compute_us=compute, total_us=int(took * 1e6),
+        return vectors, hop_timing(
+            "embed", queue_s=queue / 1e6, compute_s=compute / 1e6, total_s=took,
             batch_size=len(texts),
         )
 
@@ -498,7 +490,7 @@ class SearchHop:
             ):
                 try:
                     await self.write(collection.snapshot)
-                except BackboneError:  # deleted meanwhile
+                except RetrievalError:  # deleted meanwhile
                     continue
 
     # -- the search core (also the in-process API for the pipeline) --------------------
@@ -599,7 +591,7 @@ class SearchHop:
             for i, found in zip(dense, hits, strict=True):
                 results[i] = found
         total = time.perf_counter() - search_began
-        timings.append(_timing("search", queue_s, compute_s, total, batch_size))
+        timings.append(hop_timing("search", queue_s=queue_s, compute_s=compute_s, total_s=total, batch_size=batch_size))
         responses = [pb.SearchResponse(hits=[hit_to_proto(h) for h in found]) for found in results]
         return responses, timings
 
@@ -724,7 +716,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
             compute += time.perf_counter() - started
         total = time.perf_counter() - began
         return pb.UpsertResponse(
-            upserted=upserted, timings=[_timing("search", 0, compute, total, upserted)]
+            upserted=upserted, timings=[hop_timing("search", queue_s=0, compute_s=compute, total_s=total, batch_size=upserted)]
         )
 
     async def UpsertBatch(self, request, context):  # noqa: N802
@@ -769,7 +761,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
     async def Search(self, request, context):  # noqa: N802
         """One search."""
         began = time.perf_counter()
-        responses, timings = await self._hop.search([request], _deadline(context))
+        responses, timings = await self._hop.search([request], deadline_of(context))
         response = responses[0]
         _finish_timings(timings, began)
         response.timings.extend(timings)
@@ -786,7 +778,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
                 f"at most {MAX_SEARCHES_PER_BATCH} searches", reason="TOO_MANY_INPUTS",
                 metadata={"limit": MAX_SEARCHES_PER_BATCH},
             )
-        responses, timings = await self._hop.search(searches, _deadline(context))
+        responses, timings = await self._hop.search(searches, deadline_of(context))
         _finish_timings(timings, began)
         return pb.SearchBatchResponse(results=responses, timings=timings)
 
@@ -818,8 +810,8 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
             chunk_tokens=ingestor.settings.chunk_tokens,
             overlap_tokens=ingestor.settings.overlap_tokens,
             timings=[
-                _timing("embed", 0, stats.embed_s, stats.embed_s, stats.chunks),
-                _timing("search", 0, stats.write_s, total, stats.chunks),
+                hop_timing("embed", queue_s=0, compute_s=stats.embed_s, total_s=stats.embed_s, batch_size=stats.chunks),
+                hop_timing("search", queue_s=0, compute_s=stats.write_s, total_s=total, batch_size=stats.chunks),
             ],
         )
 
@@ -873,12 +865,6 @@ def documents_from_proto(documents: Sequence[pb.Document]) -> list[Document]:
             )
         out.append(Document(doc.id, doc.text, struct_to_dict(doc.metadata)))
     return out
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline as a time.monotonic() instant, if it has one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def _finish_timings(timings: list[common_pb2.HopTiming], began: float) -> None:

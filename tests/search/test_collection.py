@@ -21,7 +21,7 @@ from retrieval.types import (
     SearchQuery,
     make_spec,
 )
-from server.errors import AlreadyExists, NotFound
+from retrieval.errors import AlreadyExists, NotFound
 
 
 def points(vectors, start=0, meta=None):

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from retrieval.chunking import ChunkSettings, TokenChunker, resolve_settings
 from retrieval.filters import Equals, In, MetadataIndex, Range, make_filter
 from retrieval.fusion import reciprocal_rank_fusion
-from server.errors import InvalidArgument
+from retrieval.errors import InvalidArgument
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 
-import server.errors as errors_module
+import retrieval.errors as retrieval_errors
+import router.errors as errors_module
 from backbone.v1 import common_pb2
 from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
 from server import metrics
@@ -26,6 +27,7 @@ from server.errors import (
     ERROR_DOMAIN,
     AlreadyExists,
     BackboneError,
+    FailedPrecondition,
     Cancelled,
     DeadlineTooShort,
     InvalidArgument,
@@ -62,6 +64,7 @@ EXPECTED_CODE = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineTooShort: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -79,12 +82,35 @@ def python_sources() -> list[Path]:
 
 
 def error_classes() -> list[type[BackboneError]]:
-    """BackboneError and every subclass defined in server.errors."""
+    """BackboneError and every subclass defined in router.errors (re-exported by
+    server.errors)."""
     return [
         obj
         for _, obj in inspect.getmembers(errors_module, inspect.isclass)
         if issubclass(obj, BackboneError) and obj.__module__ == errors_module.__name__
     ]
+
+
+def retrieval_error_classes() -> list[type[retrieval_errors.RetrievalError]]:
+    """Every error class of retrieval.errors, which server.errors maps onto the contract."""
+    return [
+        obj
+        for _, obj in inspect.getmembers(retrieval_errors, inspect.isclass)
+        if issubclass(obj, retrieval_errors.RetrievalError)
+        and obj.__module__ == retrieval_errors.__name__
+    ]
+
+
+@pytest.mark.parametrize("cls", retrieval_error_classes(), ids=lambda c: c.__name__)
+def test_retrieval_errors_map_to_the_same_status_and_reason(cls):
+    from server.errors import as_backbone_error
+
+    mapped = as_backbone_error(cls("boom", metadata={"field": "x"}))
+    assert mapped is not None
+    assert (mapped.status, mapped.reason, mapped.metadata) == (cls.status, cls.reason, {"field": "x"})
+    documented = status_of_reasons()
+    if cls is not retrieval_errors.RetrievalError:
+        assert documented.get(cls.reason) == cls.status
 
 
 def status_of_reasons() -> dict[str, str]:

@@ -39,6 +39,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_CANCELLED: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_FAILED_PRECONDITION: _ClassVar[ErrorReason]
+    ERROR_REASON_GUARDRAIL_BLOCKED: _ClassVar[ErrorReason]
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_TRUNCATE: TruncationPolicy
 TRUNCATION_POLICY_REJECT: TruncationPolicy
@@ -66,6 +68,8 @@ ERROR_REASON_NOT_IMPLEMENTED: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_CANCELLED: ErrorReason
 ERROR_REASON_NOT_FOUND: ErrorReason
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason
+ERROR_REASON_GUARDRAIL_BLOCKED: ErrorReason
 
 class HopTiming(_message.Message):
     __slots__ = ("hop", "queue_us", "compute_us", "total_us", "batch_size")
