@@ -5,11 +5,13 @@ sub-client per service as a plain attribute::
 
     with Client(address="127.0.0.1:50051", token="...") as client:
         vectors = client.embedding.embed(["hello"]).vectors      # (1, 384) float32
+        hits = client.search.search("docs", text="hello", top_k=3).hits
+        for event in client.generation.generate("Hi", max_tokens=8): ...
 
     async with AsyncClient() as client:
         status = await client.health.check()
 
-Adding a service (search, rerank, generation): write ``clients/<service>.py`` with
+Adding a service: write ``clients/<service>.py`` with
 request builders / response parsers as functions plus two thin classes,
 ``XClient(channel, options)`` and ``AsyncXClient(channel, options)``, whose methods build
 the request, call the stub with ``**call_kwargs(options, timeout[, stream=True])`` inside
@@ -24,7 +26,10 @@ from typing import Any
 
 from clients.channel import ClientOptions, open_aio_channel, open_channel
 from clients.embedding import AsyncEmbeddingClient, EmbeddingClient
+from clients.generation import AsyncGenerationClient, GenerationClient
 from clients.health import AsyncHealthClient, HealthClient
+from clients.rerank import AsyncRerankClient, RerankClient
+from clients.search import AsyncSearchClient, SearchClient
 
 
 def _options(options: ClientOptions | None, overrides: dict[str, Any]) -> ClientOptions:
@@ -42,6 +47,9 @@ class Client:
         self.options = _options(options, overrides)
         self.channel = open_channel(self.options)
         self.embedding = EmbeddingClient(self.channel, self.options)
+        self.search = SearchClient(self.channel, self.options)
+        self.rerank = RerankClient(self.channel, self.options)
+        self.generation = GenerationClient(self.channel, self.options)
         self.health = HealthClient(self.channel, self.options)
 
     def close(self) -> None:
@@ -66,6 +74,9 @@ class AsyncClient:
         self.options = _options(options, overrides)
         self.channel = open_aio_channel(self.options)
         self.embedding = AsyncEmbeddingClient(self.channel, self.options)
+        self.search = AsyncSearchClient(self.channel, self.options)
+        self.rerank = AsyncRerankClient(self.channel, self.options)
+        self.generation = AsyncGenerationClient(self.channel, self.options)
         self.health = AsyncHealthClient(self.channel, self.options)
 
     async def close(self, grace: float | None = None) -> None:

@@ -273,7 +273,8 @@ class LocalEmbedding:
         began = time.perf_counter()
         vectors = await self._hop.embed_texts(texts, normalize=False)
         took = time.perf_counter() - began
-        return np.asarray(vectors, dtype=np.float32), _timing("embed", 0, took, took, len(texts))
+        return np.asarray(vectors, dtype=np.float32), hop_timing(
+            "embed", compute_s=took, total_s=took, batch_size=len(texts))
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -734,7 +735,8 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
         now = time.perf_counter()
         return pb.UpsertBatchResponse(
             upserted=upserted,
-            timings=[_timing("search", 0, now - started, now - began, len(points))],
+            timings=[hop_timing(
+                "search", compute_s=now - started, total_s=now - began, batch_size=len(points))],
         )
 
     async def Delete(self, request, context):  # noqa: N802
