@@ -95,6 +95,7 @@ class HonestGenerator:
         self.release = asyncio.Event()
         self.holding = asyncio.Event()  # set while a "hold" request waits on release
         self.aborted: list[str] = []
+        self.idle = asyncio.Event()  # set whenever the last unfinished request ends
         self._abort_events: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
@@ -114,6 +115,7 @@ class HonestGenerator:
         """``max_tokens`` tokens, or fewer when aborted; held after the first if asked."""
         assert params.max_tokens is not None
         self.unfinished.add(request_id)
+        self.idle.clear()
         aborted = self._abort_events[request_id] = asyncio.Event()
         try:
             produced = 0
@@ -131,6 +133,8 @@ class HonestGenerator:
             # Every way out (finished, aborted, stream closed by a cancelled caller).
             self.unfinished.discard(request_id)
             self._abort_events.pop(request_id, None)
+            if not self.unfinished:
+                self.idle.set()
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request; False when it is not running here."""
