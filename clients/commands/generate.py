@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backbone.v1 import generation_service_pb2 as pb
-from backbone.v1 import generation_service_pb2_grpc
-from clients.channel import call_kwargs
 from clients.commands._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -22,13 +19,9 @@ from clients.commands._common import (
     open_client,
     positive_int,
 )
-from clients.errors import iterate
+from clients.generation import Delta, Final, GenerationClient, GenerationStream, Message
 
-FINISH_NAMES = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORT: "abort",
-}
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,40 +46,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=handles_errors(run))
 
 
-def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
-    """The GenerateRequest the command line describes."""
+def start_stream(generation: GenerationClient, args: argparse.Namespace) -> GenerationStream:
+    """Start the generation the command line describes."""
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = pb.SamplingParams(stop=args.stop)
-    for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
-        value = getattr(args, field)
-        if value is not None:
-            setattr(sampling, field, value)
-    request = pb.GenerateRequest(model=args.model, sampling=sampling)
-    if args.raw:
-        request.prompt = text
-    else:
-        if args.system:
-            request.messages.add(role="system", content=args.system)
-        request.messages.add(role="user", content=text)
-    return request
+    sampling = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    messages = None
+    if not args.raw:
+        messages = [Message("system", args.system)] if args.system else []
+        messages.append(Message("user", text))
+    return generation.generate(
+        text if args.raw else None, messages=messages, model=args.model,
+        # --timeout bounds the whole stream; unset, the client's stream deadline applies.
+        timeout=args.timeout, stop=args.stop, **sampling,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Stream the completion; each delta is written and flushed as it arrives."""
-    request = build_request(args)
     out = sys.stdout
     with open_client(args) as client:
-        stub = generation_service_pb2_grpc.GenerationServiceStub(client.channel)
-        # --timeout bounds the whole stream; unset, the client's stream deadline applies.
-        kwargs = call_kwargs(client.options, args.timeout, stream=True)
-        final = None
+        final: Final | None = None
         try:
-            for message in iterate(stub.Generate(request, **kwargs)):
-                if message.HasField("delta"):
-                    out.write(message.delta.text)
-                    out.flush()
-                else:
-                    final = message.final
+            with start_stream(client.generation, args) as stream:
+                for event in stream:
+                    if isinstance(event, Delta):
+                        out.write(event.text)
+                        out.flush()
+                    else:
+                        final = event
         except KeyboardInterrupt:
             out.write("\n")
             print("backbone generate: cancelled", file=sys.stderr)
@@ -95,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
         out.flush()
     if final is not None and args.stats:
         print(
-            f"[{FINISH_NAMES.get(final.finish_reason, '?')}] model={final.model} "
+            f"[{final.finish_reason or '?'}] model={final.model} "
             f"prompt_tokens={final.usage.prompt_tokens} "
             f"completion_tokens={final.usage.completion_tokens} "
-            f"ttft_ms={final.time_to_first_token_us / 1000:.1f} "
-            f"tpot_ms={final.time_per_output_token_us / 1000:.1f}",
+            f"ttft_ms={final.time_to_first_token_s * 1000:.1f} "
+            f"tpot_ms={final.time_per_output_token_s * 1000:.1f}",
             file=sys.stderr,
         )
     return EXIT_OK if final is not None else EXIT_FAILED

@@ -18,9 +18,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from backbone.v1 import vector_search_service_pb2 as pb
-from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
-from clients.channel import call_kwargs
 from clients.commands._common import (
     UsageError,
     add_client_options,
@@ -29,17 +26,13 @@ from clients.commands._common import (
     open_client,
     positive_int,
 )
-from clients.errors import AlreadyExistsError, translated_errors
+from clients.client import Client
+from clients.errors import AlreadyExistsError
+from clients.search_messages import INDEX_KINDS, Document
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
-DOCS_PER_MESSAGE = 32
-METRICS = {"cosine": pb.METRIC_COSINE, "ip": pb.METRIC_INNER_PRODUCT, "l2": pb.METRIC_L2}
-KINDS = {
-    "flat": pb.INDEX_KIND_FLAT,
-    "ivf_flat": pb.INDEX_KIND_IVF_FLAT,
-    "ivf_pq": pb.INDEX_KIND_IVF_PQ,
-    "hnsw": pb.INDEX_KIND_HNSW,
-}
+#: Command-line metric name -> the client's.
+METRICS = {"cosine": "cosine", "ip": "inner_product", "l2": "l2"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--dimension", type=positive_int, default=384, help="for --create")
     parser.add_argument("--metric", choices=sorted(METRICS), default="cosine")
-    parser.add_argument("--index-kind", choices=sorted(KINDS), default="hnsw")
+    parser.add_argument("--index-kind", choices=sorted(INDEX_KINDS), default="hnsw")
     parser.add_argument(
         "--chunk-tokens", type=non_negative_int, default=0, metavar="N",
         help="window size in tokens (0: server default 512, capped at the model's limit)",
@@ -103,11 +96,11 @@ def count_documents(files: list[Path]) -> int:
     return total
 
 
-def read_documents(files: list[Path]) -> Iterator[pb.Document]:
+def read_documents(files: list[Path]) -> Iterator[Document]:
     """Every document of the files, in order."""
     for path in files:
         if path.suffix.lower() != ".jsonl":
-            yield pb.Document(id=str(path), text=path.read_text(encoding="utf-8"))
+            yield Document(id=str(path), text=path.read_text(encoding="utf-8"))
             continue
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):
@@ -115,7 +108,7 @@ def read_documents(files: list[Path]) -> Iterator[pb.Document]:
                     yield document_from_json(line, f"{path}:{number}")
 
 
-def document_from_json(line: str, where: str) -> pb.Document:
+def document_from_json(line: str, where: str) -> Document:
     """A Document from one JSONL line (BEIR style: ``_id``, ``title``, ``text``)."""
     try:
         obj: dict[str, Any] = json.loads(line)
@@ -126,14 +119,15 @@ def document_from_json(line: str, where: str) -> pb.Document:
     text = obj["text"]
     if obj.get("title"):
         text = f"{obj['title']}\n{text}"
-    doc = pb.Document(id=str(obj.get("_id", obj.get("id", ""))), text=text)
-    if isinstance(obj.get("metadata"), dict) and obj["metadata"]:
-        doc.metadata.update(obj["metadata"])
-    return doc
+    metadata = obj.get("metadata")
+    return Document(
+        id=str(obj.get("_id", obj.get("id", ""))), text=text,
+        metadata=metadata if isinstance(metadata, dict) else {},
+    )
 
 
-def _calls(docs: Iterator[pb.Document], per_call: int) -> Iterator[list[pb.Document]]:
-    batch: list[pb.Document] = []
+def _calls(docs: Iterator[Document], per_call: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
     for doc in docs:
         batch.append(doc)
         if len(batch) == per_call:
@@ -143,27 +137,13 @@ def _calls(docs: Iterator[pb.Document], per_call: int) -> Iterator[list[pb.Docum
         yield batch
 
 
-def _messages(args: argparse.Namespace, docs: list[pb.Document]) -> Iterator[pb.IngestRequest]:
-    chunking = pb.ChunkingParams(
-        chunk_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens
-    )
-    for start in range(0, len(docs), DOCS_PER_MESSAGE):
-        yield pb.IngestRequest(
-            collection=args.collection,
-            documents=docs[start : start + DOCS_PER_MESSAGE],
-            chunking=chunking,
-        )
-
-
-def create_collection(stub: Any, args: argparse.Namespace, options: Any) -> None:
+def create_collection(client: Client, args: argparse.Namespace) -> None:
     """Create the collection; an existing one is fine."""
-    request = pb.CreateCollectionRequest(
-        name=args.collection, dimension=args.dimension,
-        metric=METRICS[args.metric], index_kind=KINDS[args.index_kind],
-    )  # fmt: skip
     try:
-        with translated_errors():
-            stub.CreateCollection(request, **call_kwargs(options))
+        client.search.create_collection(
+            args.collection, args.dimension,
+            metric=METRICS[args.metric], index_kind=args.index_kind,
+        )
     except AlreadyExistsError:
         pass
 
@@ -176,15 +156,14 @@ def run(args: argparse.Namespace) -> int:
     chunk_tokens = overlap_tokens = 0
     began = time.perf_counter()
     with open_client(args) as client:
-        stub = pb_grpc.VectorSearchServiceStub(client.channel)
         if args.create:
-            create_collection(stub, args, client.options)
+            create_collection(client, args)
         with tqdm(total=total, unit="doc", disable=args.quiet) as bar:
             for batch in _calls(read_documents(files), args.docs_per_call):
-                with translated_errors():
-                    response = stub.Ingest(
-                        _messages(args, batch), **call_kwargs(client.options, stream=True)
-                    )
+                response = client.search.ingest(
+                    args.collection, batch,
+                    chunk_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens,
+                )
                 documents += response.documents
                 chunks += response.chunks
                 chunk_tokens, overlap_tokens = response.chunk_tokens, response.overlap_tokens

@@ -10,12 +10,8 @@ import argparse
 import json
 import sys
 
-from backbone.v1 import rerank_service_pb2 as pb
-from backbone.v1 import rerank_service_pb2_grpc as pb_grpc
-from clients.channel import call_kwargs
 from clients.commands._common import add_client_options, handles_errors, non_negative_int, open_client
-from clients.common import truncation_policy
-from clients.errors import translated_errors
+from clients.rerank import Ranked
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +43,7 @@ def read_documents(args: list[str]) -> list[str]:
     return documents
 
 
-def format_result(rank: int, result: pb.RerankResult, fmt: str) -> str:
+def format_result(rank: int, result: Ranked, fmt: str) -> str:
     """One output line for a result."""
     if fmt == "json":
         return json.dumps(
@@ -65,18 +61,12 @@ def format_result(rank: int, result: pb.RerankResult, fmt: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Rerank and print the results, best first."""
-    request = pb.RerankRequest(
-        query=args.query,
-        documents=read_documents(args.documents),
-        top_n=args.top_n,
-        return_documents=True,
-        model=args.model,
-        truncation=truncation_policy(args.truncation),
-    )
+    documents = read_documents(args.documents)
     with open_client(args) as client:
-        stub = pb_grpc.RerankServiceStub(client.channel)
-        with translated_errors():
-            response = stub.Rerank(request, **call_kwargs(client.options))
+        response = client.rerank.rerank(
+            args.query, documents, top_n=args.top_n, return_documents=True,
+            model=args.model, truncation=args.truncation,
+        )
     for rank, result in enumerate(response.results, start=1):
         print(format_result(rank, result, args.format))
     return 0

@@ -6,11 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
-
-from backbone.v1 import vector_search_service_pb2 as pb
-from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
-from clients.channel import call_kwargs
 from clients.commands._common import (
     UsageError,
     add_client_options,
@@ -19,13 +14,8 @@ from clients.commands._common import (
     open_client,
     positive_int,
 )
-from clients.errors import translated_errors
+from clients.search_messages import SEARCH_MODES, Condition, Eq, Hit, In, Range
 
-MODES = {
-    "dense": pb.SEARCH_MODE_DENSE,
-    "keyword": pb.SEARCH_MODE_KEYWORD,
-    "hybrid": pb.SEARCH_MODE_HYBRID,
-}
 SNIPPET_CHARS = 100
 
 
@@ -40,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("query", help="the query text")
     parser.add_argument("--collection", required=True, help="collection name")
     parser.add_argument("--top-k", type=positive_int, default=10, metavar="K")
-    parser.add_argument("--mode", choices=sorted(MODES), default="dense")
+    parser.add_argument("--mode", choices=sorted(SEARCH_MODES), default="dense")
     parser.add_argument(
         "--eq", action="append", default=[], metavar="FIELD=VALUE",
         help="metadata filter: field equals value (JSON or plain string); repeatable",
@@ -76,49 +66,34 @@ def _split(spec: str, flag: str) -> tuple[str, str]:
     return field, rest
 
 
-def build_filter(args: argparse.Namespace) -> pb.Filter:
-    """The Filter of the --eq/--in/--range flags."""
-    flt = pb.Filter()
+def build_filter(args: argparse.Namespace) -> list[Condition]:
+    """The filter conditions of the --eq/--in/--range flags."""
+    conditions: list[Condition] = []
     for spec in args.eq:
         field, value = _split(spec, "--eq")
-        cond = flt.must.add(field=field)
-        cond.equals.CopyFrom(_value(parse_value(value)))
+        conditions.append(Eq(field, parse_value(value)))
     for spec in args.in_:
         field, values = _split(spec, "--in")
-        cond = flt.must.add(field=field)
-        getattr(cond, "in").values.extend(_value(parse_value(v)) for v in values.split(","))
+        conditions.append(In(field, [parse_value(v) for v in values.split(",")]))
     for spec in args.range:
         field, bounds = _split(spec, "--range")
         low, sep, high = bounds.partition(":")
         if not sep:
             raise UsageError(f"--range wants FIELD=LO:HI, got {spec!r}")
-        cond = flt.must.add(field=field)
-        try:
-            if low:
-                cond.range.gte = float(low)
-            if high:
-                cond.range.lte = float(high)
-        except ValueError:
-            raise UsageError(f"--range bounds must be numbers, got {spec!r}") from None
         if not low and not high:
             raise UsageError(f"--range needs at least one bound, got {spec!r}")
-    return flt
+        try:
+            conditions.append(Range(
+                field, gte=float(low) if low else None, lte=float(high) if high else None
+            ))
+        except ValueError:
+            raise UsageError(f"--range bounds must be numbers, got {spec!r}") from None
+    return conditions
 
 
-def _value(value: Any) -> struct_pb2.Value:
-    out = struct_pb2.Value()
-    if isinstance(value, bool):
-        out.bool_value = value
-    elif isinstance(value, (int, float)):
-        out.number_value = float(value)
-    else:
-        out.string_value = str(value)
-    return out
-
-
-def format_hit(rank: int, hit: pb.Hit) -> str:
+def format_hit(rank: int, hit: Hit) -> str:
     """One line: rank, score, id and the start of the text."""
-    text = " ".join(hit.payload.text.split())
+    text = " ".join(hit.text.split())
     if len(text) > SNIPPET_CHARS:
         text = text[: SNIPPET_CHARS - 3] + "..."
     return f"{rank:>3}  {hit.score:>9.4f}  {hit.id}  {text}"
@@ -126,24 +101,18 @@ def format_hit(rank: int, hit: pb.Hit) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the search and print the hits, best first."""
-    request = pb.SearchRequest(
-        collection=args.collection,
-        text=args.query,
-        top_k=args.top_k,
-        mode=MODES[args.mode],
-        filter=build_filter(args),
-        params=pb.SearchParams(ef_search=args.ef_search, nprobe=args.nprobe),
-        with_payload=True,
-    )
+    conditions = build_filter(args)
     with open_client(args) as client:
-        stub = pb_grpc.VectorSearchServiceStub(client.channel)
-        with translated_errors():
-            response = stub.Search(request, **call_kwargs(client.options))
+        response = client.search.search(
+            args.collection, text=args.query, top_k=args.top_k, mode=args.mode,
+            filter=conditions, ef_search=args.ef_search, nprobe=args.nprobe,
+            with_payload=True,
+        )
     for rank, hit in enumerate(response.hits, start=1):
         if args.json:
             print(json.dumps({
-                "rank": rank, "id": hit.id, "score": hit.score, "text": hit.payload.text,
-                "metadata": json_format.MessageToDict(hit.payload.metadata),
+                "rank": rank, "id": hit.id, "score": hit.score, "text": hit.text,
+                "metadata": dict(hit.metadata),
             }))  # fmt: skip
         else:
             print(format_hit(rank, hit))

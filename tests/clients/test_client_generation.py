@@ -139,3 +139,18 @@ async def test_cancelled_sync_stream_leaves_no_unfinished_request(served):
     assert len(seen) == 1 and stream.cancelled and stream.final is None
     await until_idle(engine)
     assert not hop.registry.running
+
+
+async def test_generate_command_streams_and_prints_stats(served, capsys):
+    from clients import cli
+
+    server, _, _ = served
+    argv = ["generate", "hello world", "--address", server.address, "--raw",
+            "--max-tokens", "2", "--temperature", "0", "--stats"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "t0 t1 \n"
+    assert err.startswith("[length] model=smollm2-135m-instruct prompt_tokens=2 ")
+    assert await asyncio.to_thread(cli.main, ["generate", "x", "--address", server.address,
+                                              "--temperature", "9"]) == 1
+    assert "INVALID_SAMPLING" in capsys.readouterr().err
