@@ -144,13 +144,14 @@ def client_main(args: argparse.Namespace) -> int:
 def inprocess_main(args: argparse.Namespace) -> int:
     """``inprocess``: the engine called directly, the whole request as one batch."""
     from server.config import RerankConfig
-    from server.engines.reranker import load_reranker, score_in_process
+    from server.engines import registry
+    from server.engines.reranker import score_in_process
 
     fresh = args.passages == "fresh"
     config = RerankConfig(
         engine=args.engine, model_path=args.model_path, doc_cache_mb=0 if fresh else 256
     )
-    engine = load_reranker(config)
+    engine = registry.load(registry.RERANK, config.engine, config)
     queries, passages = load_workload(args.seed)
     latencies = []
     for i in range(args.warmup + args.requests):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.engines import registry
+
 ENV_PREFIX = "BACKBONE_"
 SECRET_FIELDS = frozenset({"auth_token"})
 
@@ -48,9 +50,6 @@ class ServerConfig:
     # Log prompts, documents and tokens. Off by default.
     log_payloads: bool = False
     log_level: str = "INFO"
-
-
-EMBEDDING_ENGINES = ("onnx", "torch")
 
 
 @dataclass(frozen=True)
@@ -316,11 +315,16 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"server.grace_seconds {s.grace_seconds} must be >= 0")
     if not isinstance(logging.getLevelName(s.log_level.upper()), int):
         raise ConfigError(f"server.log_level {s.log_level!r} is not a logging level")
+    # Engine names are the registry's (server/engines/registry.py), for every hop.
+    for hop, engine in (
+        (registry.EMBEDDING, config.embedding.engine),
+        (registry.RERANK, config.rerank.engine),
+        (registry.GENERATION, config.generation.engine),
+    ):
+        problem = registry.unknown_engine(hop, engine)
+        if problem:
+            raise ConfigError(problem)
     e = config.embedding
-    if e.engine not in EMBEDDING_ENGINES:
-        raise ConfigError(
-            f"embedding.engine {e.engine!r} is not one of {', '.join(EMBEDDING_ENGINES)}"
-        )
     if e.lanes < 0:
         raise ConfigError(f"embedding.lanes {e.lanes} must be >= 0")
 

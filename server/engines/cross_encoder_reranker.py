@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engines.reranker import Prepared, cut_encoding, plan_pair
+from server.config import ConfigError, RerankConfig
+from server.engines.reranker import Prepared, RerankerBase, cut_encoding, plan_pair
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,17 @@ class PairItem:
     token_type_ids: tuple[int, ...]
 
 
-class CrossEncoderReranker:
+class CrossEncoderReranker(RerankerBase):
     """A ``Reranker`` over a local CrossEncoder model directory."""
+
+    @classmethod
+    def from_config(cls, config: RerankConfig) -> CrossEncoderReranker:
+        """The engine for a ``[rerank]`` section (registry entry "cross_encoder")."""
+        if not config.model_path:
+            raise ConfigError(
+                "rerank.engine = cross_encoder needs rerank.model_path (a local model directory)"
+            )
+        return cls(config.model_path, device=config.device)
 
     def __init__(self, model_path: str | Path, device: str = "cpu", max_seq_length: int = 0) -> None:
         """Load the model from ``model_path`` (blocking). ``max_seq_length`` 0: the model's."""

@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from server.config import EmbeddingConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,10 @@ def load_sentence_transformer(
 
 @runtime_checkable
 class Embedder(Protocol):
-    """A sentence-embedding model.
+    """A sentence-embedding model, as the embedding hop uses it.
 
-    Optional, read with ``getattr`` by the hop: ``lanes`` (int, default 1: engine calls
-    that may run at once, from different threads), ``batch_limit`` (int, 0 = none: texts
-    per call the engine wants at most), ``embed_alone(texts)`` (how to run a lone text
-    while no other call runs, e.g. on every core) and ``prepare(texts)`` (what ``embed``
-    and ``embed_alone`` accept in place of the texts, e.g. their token ids, with each
-    text's token count as ``count_tokens`` gives it: a text counted on the request path
-    is then not tokenised again on the engine's).
+    Every member is declared here; the optional capabilities have defaults in
+    :class:`EmbedderBase`, so the hop reads them directly (never probes with getattr).
     """
 
     name: str
@@ -81,12 +79,58 @@ class Embedder(Protocol):
     max_seq_length: int
     #: Local model directory (its tokenizer is reused for token-aware chunking).
     model_path: str
+    #: Engine calls that may run at once, from different threads (the batcher's lanes).
+    lanes: int
+    #: Texts per call the engine wants at most (0: no limit of its own).
+    batch_limit: int
+    #: True when ``embed_alone`` runs a lone text faster than ``embed`` (e.g. on every
+    #: core while no other call runs); the batcher then uses it for a lone text.
+    runs_alone: bool
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with special tokens, before any truncation."""
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 array (len(texts), dimension); inputs cut at max_seq_length."""
+    def embed(self, texts: Sequence[Any]) -> np.ndarray:
+        """float32 array (len(texts), dimension); inputs cut at max_seq_length. Items are
+        texts or what ``prepare`` made of them."""
+
+    def embed_alone(self, texts: Sequence[Any]) -> np.ndarray:
+        """``embed`` for a lone text while no other call runs (see ``runs_alone``)."""
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
+        """What ``embed`` accepts in place of the texts (e.g. their token ids) and each
+        text's token count as ``count_tokens`` gives it, from one tokenisation on the
+        request path."""
+
+
+class EmbedderBase:
+    """Defaults of the Embedder protocol's optional capabilities, and the registry's
+    class-level calls; embedding engines subclass it."""
+
+    lanes: int = 1
+    batch_limit: int = 0
+    runs_alone: bool = False
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:  # pragma: no cover
+        """Tokens of each text (engines implement it)."""
+        raise NotImplementedError
+
+    def embed(self, texts: Sequence[Any]) -> np.ndarray:  # pragma: no cover
+        """Vectors of the texts (engines implement it)."""
+        raise NotImplementedError
+
+    def embed_alone(self, texts: Sequence[Any]) -> np.ndarray:
+        """Default: the same as ``embed``."""
+        return self.embed(texts)
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
+        """Default: the texts themselves, counted with ``count_tokens``."""
+        return list(texts), self.count_tokens(texts)
+
+    @classmethod
+    def unavailable_reason(cls, settings: Any) -> str | None:
+        """Default: the engine runs anywhere its module imports."""
+        return None
 
 
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
@@ -165,8 +209,16 @@ class TokenCounter:
         return self._tokenizer.encode(text, add_special_tokens=True)
 
 
-class SentenceTransformerEmbedder:
-    """An Embedder over a local sentence-transformers model directory."""
+class SentenceTransformerEmbedder(EmbedderBase):
+    """An Embedder over a local sentence-transformers model directory (torch)."""
+
+    @classmethod
+    def from_config(cls, cfg: EmbeddingConfig) -> SentenceTransformerEmbedder:
+        """The engine for an ``[embedding]`` section (registry entry "torch")."""
+        return cls(
+            cfg.model_path or None, name=cfg.model_name, device=cfg.device,
+            pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
+        )
 
     def __init__(
         self,

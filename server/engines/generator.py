@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from server.engines import registry
 from server.errors import InvalidArgument, NotFound, Overloaded, Unavailable
 
 if TYPE_CHECKING:
@@ -49,12 +49,6 @@ CHAT_ROLES = frozenset({"system", "user", "assistant"})
 INLINE_TOKENIZE_CHARS = 4096
 #: Model name the router uses for "choose for me"; served as the default model here.
 AUTO_MODEL = "auto"
-
-#: Engine name -> "module:class" of its Generator. Imported only when used.
-ENGINES: dict[str, str] = {
-    "vllm": "server.engines.vllm_engine:VllmGenerator",
-    "tensorrt_llm": "server.engines.trtllm_engine:TrtLlmGenerator",
-}
 
 
 @dataclass(frozen=True)
@@ -232,27 +226,12 @@ def model_specs(config: GenerationConfig) -> list[ModelSpec]:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate generation model names: {names}")
     for spec in specs:
-        if spec.engine not in ENGINES:
-            raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
+        problem = registry.unknown_engine(registry.GENERATION, spec.engine)
+        if problem:
+            raise ValueError(f"model {spec.name!r}: {problem}")
         if spec.limits.max_tokens_cap >= spec.limits.max_context_tokens:
             raise ValueError(f"model {spec.name!r}: max_tokens_cap must be < context")
     return specs
-
-
-def engine_class(engine: str) -> type:
-    """The Generator class of ``engine`` (imports its module; may raise ImportError)."""
-    module, _, cls = ENGINES[engine].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def engine_unavailable_reason(engine: str) -> str | None:
-    """Why ``engine`` cannot load in this environment, or None when it can."""
-    try:
-        cls = engine_class(engine)
-    except ImportError as exc:
-        return f"{engine}: {exc}"
-    check = getattr(cls, "unavailable_reason", None)
-    return check() if check else None
 
 
 # The real request an engine answers before its model reports SERVING.
@@ -269,11 +248,6 @@ async def probe(generator: Generator, name: str) -> None:
             tokens += len(event.token_ids)
     if tokens < 1:
         raise RuntimeError(f"{generator.engine}: probe generation of {name!r} gave no tokens")
-
-
-def build_generator(spec: ModelSpec) -> Generator:
-    """A not-yet-started Generator for ``spec``."""
-    return engine_class(spec.engine)(spec)
 
 
 # --------------------------------------------------------------------------- validation

@@ -28,11 +28,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.engines.reranker import Prepared, cut_encoding, plan_pair
+from server.engines.reranker import Prepared, RerankerBase, cut_encoding, plan_pair
+
+if TYPE_CHECKING:
+    from server.config import RerankConfig
 
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 # Weights of the two signals; equal and untuned (the result is flat from 0.5 to 2).
@@ -138,8 +141,16 @@ class _State:
     computed: list[bytes]
 
 
-class MaxSimReranker:
+class MaxSimReranker(RerankerBase):
     """A ``Reranker``: dense cosine + MeanMaxSim over a sentence-transformers model."""
+
+    @classmethod
+    def from_config(cls, config: RerankConfig) -> MaxSimReranker:
+        """The engine for a ``[rerank]`` section (registry entry "maxsim")."""
+        return cls(
+            config.model_path or None, device=config.device,
+            cache_bytes=config.doc_cache_mb << 20,
+        )
 
     def __init__(
         self,

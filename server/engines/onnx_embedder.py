@@ -33,16 +33,20 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from server.engines.embedder import (
+    EmbedderBase,
     TokenCounter,
     load_sentence_transformer,
     mean_pooled_pipeline,
     private_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from server.config import EmbeddingConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +128,25 @@ class Tokens(NamedTuple):
     type_ids: np.ndarray | None
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(EmbedderBase):
     """An Embedder running a sentence-transformers model's transformer in ONNX Runtime."""
 
     #: Texts per engine call that the batcher should form at most: each text runs alone.
     batch_limit = 1
+    #: A lone text runs on every core (``embed_alone``) while no lane runs.
+    runs_alone = True
+
+    @classmethod
+    def unavailable_reason(cls, settings: EmbeddingConfig | None) -> str | None:
+        """The engine is CPU only."""
+        if settings is not None and settings.device != "cpu":
+            return f"the ONNX engine is CPU only, not {settings.device!r}"
+        return None
+
+    @classmethod
+    def from_config(cls, cfg: EmbeddingConfig) -> OnnxEmbedder:
+        """The engine for an ``[embedding]`` section (registry entry "onnx")."""
+        return cls(cfg.model_path or None, name=cfg.model_name, lanes=cfg.lanes)
 
     def __init__(
         self, model_path: str | Path | None = None, *, name: str = "", lanes: int = 0

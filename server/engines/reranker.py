@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from server.config import ConfigError, RerankConfig
 from server.errors import InvalidArgument, NotFound
 
 #: Truncation policies, as in the proto's TruncationPolicy (UNSPECIFIED means TRUNCATE).
@@ -134,6 +133,19 @@ class Reranker(Protocol):
         """Release the model."""
 
 
+class RerankerBase:
+    """The registry's class-level calls with their defaults; rerank engines subclass it
+    (and build themselves with ``from_config(RerankConfig)``)."""
+
+    @classmethod
+    def unavailable_reason(cls, settings: Any) -> str | None:
+        """Default: the engine runs anywhere its module imports."""
+        return None
+
+    def close(self) -> None:
+        """Default: nothing to release."""
+
+
 @dataclass(frozen=True)
 class RankedDocument:
     """One document of a rerank answer."""
@@ -235,31 +247,6 @@ def rank(scores: Sequence[float], truncated: Sequence[bool], top_n: int) -> list
     if top_n:
         order = order[:top_n]
     return [RankedDocument(index=i, score=float(scores[i]), truncated=bool(truncated[i])) for i in order]
-
-
-#: Engines ``rerank.engine`` may name.
-ENGINES = ("maxsim", "cross_encoder")
-
-
-def load_reranker(config: RerankConfig) -> Reranker:
-    """Build the configured engine (blocking: loads weights). Never downloads anything."""
-    if config.engine == "maxsim":
-        from server.engines.maxsim_reranker import MaxSimReranker
-
-        return MaxSimReranker(
-            config.model_path or None,
-            device=config.device,
-            cache_bytes=config.doc_cache_mb << 20,
-        )
-    if config.engine == "cross_encoder":
-        if not config.model_path:
-            raise ConfigError(
-                "rerank.engine = cross_encoder needs rerank.model_path (a local model directory)"
-            )
-        from server.engines.cross_encoder_reranker import CrossEncoderReranker
-
-        return CrossEncoderReranker(config.model_path, device=config.device)
-    raise ConfigError(f"rerank.engine {config.engine!r} is not one of {', '.join(ENGINES)}")
 
 
 def score_in_process(

@@ -78,8 +78,13 @@ class TrtLlmGenerator:
         self._active: dict[str, Any] = {}
         self._dead = False
 
-    @staticmethod
-    def unavailable_reason() -> str | None:
+    @classmethod
+    def from_config(cls, spec: ModelSpec) -> TrtLlmGenerator:
+        """A not-yet-started engine for one configured model (the registry's call)."""
+        return cls(spec)
+
+    @classmethod
+    def unavailable_reason(cls, settings: object = None) -> str | None:
         """Why TensorRT-LLM cannot load here, or None when it can."""
         if importlib.util.find_spec("tensorrt_llm") is None:
             return "tensorrt_llm is not installed (needs an NVIDIA GPU host)"

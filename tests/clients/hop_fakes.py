@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from server.engines.embedder import bundled_model_path
+from server.engines.embedder import EmbedderBase, bundled_model_path
 from server.engines.generator import (
     ChatTurn,
     GenerationEvent,
@@ -41,7 +41,7 @@ def word_vector(text: str) -> np.ndarray:
     return total
 
 
-class HashEmbedder:
+class HashEmbedder(EmbedderBase):
     """An Embedder of ``DIM`` dimensions; a word is a token."""
 
     name = "hash-embedder"

@@ -14,6 +14,7 @@ import pytest
 
 from backbone.v1 import common_pb2, embedding_service_pb2 as pb, embedding_service_pb2_grpc
 from clients.errors import retry_after_s
+from server.engines.embedder import EmbedderBase
 from server.servicers.embedding import EmbeddingHop
 from tests.conftest import error_reason, make_config, running
 
@@ -141,7 +142,7 @@ async def test_embed_stream_answers_in_order_with_ids(stub):
     assert got == [(f"r{i}", i + 1) for i in range(5)]
 
 
-class GatedEmbedder:
+class GatedEmbedder(EmbedderBase):
     """Wraps the real engine; batches wait at a gate so the queue fills deterministically."""
 
     def __init__(self, inner) -> None:

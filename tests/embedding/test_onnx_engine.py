@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from server.config import EmbeddingConfig
-from server.engines import onnx_embedder
+from server.engines import onnx_embedder, registry
 from server.engines.embedder import SentenceTransformerEmbedder
 from server.engines.onnx_embedder import OnnxEmbedder
-from server.servicers.embedding import EmbeddingHop, load_embedder
+from server.servicers.embedding import EmbeddingHop
 
 TEXTS = [
     "",
@@ -74,8 +74,8 @@ def test_hop_falls_back_to_torch_when_onnx_cannot_serve(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no runtime here")
 
-    monkeypatch.setattr(onnx_embedder, "OnnxEmbedder", broken)
-    engine = load_embedder(EmbeddingConfig())
+    monkeypatch.setattr(onnx_embedder.OnnxEmbedder, "from_config", classmethod(broken))
+    engine = registry.load(registry.EMBEDDING, "onnx", EmbeddingConfig())
     assert isinstance(engine, SentenceTransformerEmbedder)
 
 
@@ -88,7 +88,7 @@ def test_hop_policy_follows_the_engine(onnx_minilm, minilm):
     # Texts are handed to a lane ahead of time only when there is nothing to group; the
     # admission bound counts the running text only when it runs on every core (short).
     assert (onnx_policy.lane_depth, torch_policy.lane_depth) == (2, 1)
-    one_lane = EmbeddingHop._policy(cfg, SimpleNamespace(batch_limit=1, lanes=1))
+    one_lane = EmbeddingHop._policy(cfg, SimpleNamespace(batch_limit=1, lanes=1, runs_alone=False))
     assert one_lane.queue_delay_counts_running
     assert not onnx_policy.queue_delay_counts_running or onnx_minilm.lanes == 1
     assert not torch_policy.queue_delay_counts_running

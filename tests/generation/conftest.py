@@ -24,9 +24,9 @@ from server.engines.generator import (
     GenerationEvent,
     GenerationParams,
     ModelSpec,
-    engine_unavailable_reason,
     model_specs,
 )
+from server.engines import registry
 from server.servicers.generation import GenerationHop
 from tests.conftest import error_reason, make_config, running
 
@@ -47,7 +47,7 @@ def engine_spec(engine: str) -> ModelSpec:
 @pytest.fixture(scope="package")
 async def vllm_generator():
     """The one vLLM engine of the generation tests (started once, stopped after them)."""
-    reason = engine_unavailable_reason("vllm")
+    reason = registry.unavailable_reason(registry.GENERATION, "vllm")
     if reason:
         pytest.skip(reason)
     from server.engines.vllm_engine import VllmGenerator
@@ -63,7 +63,7 @@ async def vllm_generator():
 @pytest.fixture(scope="package")
 async def trtllm_generator():
     """TensorRT-LLM over the same model, on hosts where it loads (a GPU host)."""
-    reason = engine_unavailable_reason("tensorrt_llm")
+    reason = registry.unavailable_reason(registry.GENERATION, "tensorrt_llm")
     if reason:
         pytest.skip(f"engine tensorrt_llm cannot load here: {reason}")
     from server.engines.trtllm_engine import TrtLlmGenerator

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from server.config import load_config
+from server.engines import registry
 from server.engines.generator import (
-    ENGINES,
     AdmissionGate,
     ChatTurn,
     GenerationFinal,
@@ -145,7 +145,7 @@ def test_model_specs_default_and_extra_models():
 
 
 def test_every_engine_has_a_conformance_fixture():
-    assert set(ENGINE_FIXTURES) == set(ENGINES)
+    assert set(ENGINE_FIXTURES) == set(registry.names(registry.GENERATION))
 
 
 # ---------------------------------------------------------------- the flow, scripted engine

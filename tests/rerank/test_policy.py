@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from server.config import ConfigError, RerankConfig
+from server.config import ConfigError, RerankConfig, load_config
+from server.engines import registry
 from server.engines.maxsim_reranker import TextVectors, VectorCache, pair_score
 from server.engines.reranker import (
     REJECT,
@@ -15,7 +16,6 @@ from server.engines.reranker import (
     Prepared,
     RerankLimits,
     enforce_truncation_policy,
-    load_reranker,
     plan_pair,
     rank,
     validate_request,
@@ -136,7 +136,7 @@ def test_pair_score_is_cosine_plus_mean_maxsim():
 
 
 def test_unknown_engine_and_missing_model_path_are_config_errors():
+    with pytest.raises(ConfigError, match="not one of maxsim, cross_encoder"):
+        load_config(overrides={"rerank": {"engine": "colbert"}})
     with pytest.raises(ConfigError):
-        load_reranker(RerankConfig(engine="colbert"))
-    with pytest.raises(ConfigError):
-        load_reranker(RerankConfig(engine="cross_encoder", model_path=""))
+        registry.load(registry.RERANK, "cross_encoder", RerankConfig(model_path=""))
