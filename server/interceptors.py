@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
+from server.decoding import Undecodable, checked_requests, decode_error, safe_deserializer
 from server.errors import (
     ERROR_DOMAIN,
     BackboneError,
@@ -144,9 +145,20 @@ def _around(
     streaming_out: bool,
     check: Callable[[grpc.aio.ServicerContext], None],
     in_flight: InFlight,
+    streaming_in: bool = False,
 ):
-    """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status,
-    keep the call's task in ``in_flight`` while it runs."""
+    """Wrap a behaviour: run ``check`` first, answer an undecodable request (see
+    ``server.decoding``), map BackboneError and bugs to rich status, keep the call's task
+    in ``in_flight`` while it runs."""
+
+    def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request (or checked request stream) the behaviour gets, after ``check``."""
+        check(context)
+        if streaming_in:
+            return checked_requests(request, method)
+        if isinstance(request, Undecodable):
+            raise decode_error(method, request)
+        return request
 
     def wrap(fn: Behaviour) -> Behaviour:
         if _yields_responses(fn, streaming_out):
@@ -155,8 +167,7 @@ def _around(
                 call = in_flight.enter()
                 responses = None
                 try:
-                    check(context)
-                    responses = fn(request, context)
+                    responses = fn(admit(request, context), context)
                     async for response in responses:
                         if call is not None:
                             call.sending = True
@@ -189,8 +200,7 @@ def _around(
         async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
             call = in_flight.enter()
             try:
-                check(context)
-                return await fn(request, context)
+                return await fn(admit(request, context), context)
             except asyncio.CancelledError:
                 if not in_flight.shutting_down():
                     raise  # the caller left: nothing to answer
@@ -220,7 +230,8 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (when configured) before any work, maps every error a
+    """Checks the bearer token (when configured) before any work, answers undecodable
+    requests INVALID_ARGUMENT (every handler's deserializer is made safe), maps every error a
     handler raises to a canonical status with exactly one ErrorInfo (never UNKNOWN), and
     keeps the calls in flight (``in_flight``) for the shutdown."""
 
@@ -255,7 +266,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        around = _around(method, handler.response_streaming, self._checker(method), self.in_flight)
+        around = _around(
+            method, handler.response_streaming, self._checker(method), self.in_flight,
+            streaming_in=handler.request_streaming,
+        )
+        if handler.request_deserializer is not None:
+            # Never raise while decoding: an undecodable request becomes a sentinel the
+            # wrapper answers INVALID_ARGUMENT (gRPC itself would say UNKNOWN / INTERNAL).
+            handler = handler._replace(
+                request_deserializer=safe_deserializer(method, handler.request_deserializer)
+            )
         return _wrap_behaviour(handler, around)
 
 

@@ -59,6 +59,7 @@ from retrieval.types import (
 from router.batcher import BatchPolicy, DynamicBatcher
 from server.calls import deadline_of, hop_timing
 from server.config import Config, SearchConfig
+from server.decoding import check_struct_depth
 from retrieval.errors import RetrievalError
 from server.errors import BackboneError, InvalidArgument, Unavailable
 from server.hop import HopContext
@@ -144,6 +145,7 @@ def payload_from_proto(payload: pb.Payload) -> Payload:
             f"payload metadata exceeds {MAX_METADATA_BYTES} bytes",
             reason="INPUT_TOO_LARGE", metadata={"limit": MAX_METADATA_BYTES},
         )
+    check_struct_depth(payload.metadata, "payload.metadata")
     return Payload(payload.text, struct_to_dict(payload.metadata))
 
 
@@ -273,7 +275,7 @@ class LocalEmbedding:
         began = time.perf_counter()
         vectors = await self._hop.embed_texts(texts, normalize=False)
         took = time.perf_counter() - began
-        return np.asarray(vectors, dtype=np.float32), _timing("embed", 0, took, took, len(texts))
+        return np.asarray(vectors, dtype=np.float32), hop_timing("embed", queue_s=0, compute_s=took, total_s=took, batch_size=len(texts))
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -734,7 +736,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
         now = time.perf_counter()
         return pb.UpsertBatchResponse(
             upserted=upserted,
-            timings=[_timing("search", 0, now - started, now - began, len(points))],
+            timings=[hop_timing("search", queue_s=0, compute_s=now - started, total_s=now - began, batch_size=len(points))],
         )
 
     async def Delete(self, request, context):  # noqa: N802
@@ -863,6 +865,7 @@ def documents_from_proto(documents: Sequence[pb.Document]) -> list[Document]:
                 f"documents[{i}].metadata exceeds {MAX_METADATA_BYTES} bytes",
                 reason="INPUT_TOO_LARGE", metadata={"limit": MAX_METADATA_BYTES},
             )
+        check_struct_depth(doc.metadata, f"documents[{i}].metadata")
         out.append(Document(doc.id, doc.text, struct_to_dict(doc.metadata)))
     return out
 
