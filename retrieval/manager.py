@@ -2,8 +2,17 @@
 
 Creation is atomic: the spec is written into a hidden temporary directory which is
 renamed into place, so a collection directory either has its spec or does not exist.
-Deletion renames the directory to a hidden name first, then removes it. Hidden
-leftovers of either are removed when the manager loads.
+Deletion is atomic too: the collection leaves the table and its directory is renamed to
+a hidden tombstone (``.<name>.deleting-<uuid>``, the rename fsynced) before anything is
+removed, so a crash at any point leaves either the whole collection or none of it; hidden
+leftovers (tombstones, half-made creations) are removed when the manager loads.
+
+Concurrency: ``create`` and ``delete`` are serialised by ``_lock`` (and, in the server, by
+the search hop's one writer thread, which also runs every write). A delete therefore waits
+for the writes submitted before it (they finish and are acknowledged first); writes after
+it, or still streaming into the deleted collection, raise ``CollectionClosed`` (mapped to
+NOT_FOUND). Reads that already hold the collection object finish on its in-memory state;
+``stats`` tolerates the vanished directory. ``get``/``list`` never block on the lock.
 """
 
 from __future__ import annotations
@@ -89,7 +98,10 @@ class CollectionManager:
 
     def list(self) -> list[Collection]:
         """Every collection, by name."""
-        return [self._collections[name] for name in sorted(self._collections)]
+        # A copy taken at once (atomic under the GIL): a concurrent create or delete in
+        # the writer thread cannot change the dict while it is iterated.
+        current = dict(self._collections)
+        return [current[name] for name in sorted(current)]
 
     def delete(self, name: str) -> None:
         """Delete a collection and its files; NOT_FOUND when unknown."""
