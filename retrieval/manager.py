@@ -29,18 +29,29 @@ import msgpack
 from retrieval.collection import SPEC_FILE, Collection
 from retrieval.types import CollectionSpec
 from retrieval.wal import fsync_dir
-from retrieval.errors import AlreadyExists, NotFound
+from retrieval.errors import AlreadyExists, InvalidArgument, NotFound
+from retrieval.types import MAX_NAME_CHARS
 
 log = logging.getLogger(__name__)
 
 
 def collection_not_found(name: str) -> NotFound:
-    """The NOT_FOUND / COLLECTION_NOT_FOUND error for ``name``."""
+    """The NOT_FOUND / COLLECTION_NOT_FOUND error for ``name`` (named once, in the
+    metadata; the server bounds every metadata value it sends)."""
     return NotFound(
-        f"collection {name!r} does not exist",
+        "the collection does not exist",
         reason="COLLECTION_NOT_FOUND",
         metadata={"collection": name},
     )
+
+
+def check_collection_name(name: str) -> None:
+    """INVALID_ARGUMENT for a name longer than any collection's, before any lookup."""
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"a collection name has at most {MAX_NAME_CHARS} characters",
+            metadata={"field": "collection", "limit": MAX_NAME_CHARS},
+        )
 
 
 class CollectionManager:
@@ -72,7 +83,7 @@ class CollectionManager:
             final = self.data_dir / spec.name
             if spec.name in self._collections or final.exists():
                 raise AlreadyExists(
-                    f"collection {spec.name!r} already exists",
+                    "the collection already exists",
                     reason="COLLECTION_EXISTS",
                     metadata={"collection": spec.name},
                 )
@@ -90,7 +101,9 @@ class CollectionManager:
             return collection
 
     def get(self, name: str) -> Collection:
-        """The named collection; NOT_FOUND / COLLECTION_NOT_FOUND when unknown."""
+        """The named collection; NOT_FOUND / COLLECTION_NOT_FOUND when unknown,
+        INVALID_ARGUMENT when longer than any name can be."""
+        check_collection_name(name)
         collection = self._collections.get(name)
         if collection is None:
             raise collection_not_found(name)
@@ -105,6 +118,7 @@ class CollectionManager:
 
     def delete(self, name: str) -> None:
         """Delete a collection and its files; NOT_FOUND when unknown."""
+        check_collection_name(name)
         with self._lock:
             collection = self._collections.pop(name, None)
             if collection is None:

@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
 from server.decoding import Undecodable, checked_requests, decode_error, safe_deserializer
+from router.errors import quote
 from server.errors import (
     ERROR_DOMAIN,
     BackboneError,
@@ -32,6 +33,8 @@ from server.errors import (
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Longest error message sent (characters); longer ones are cut with a marker.
+MAX_MESSAGE_CHARS = 512
 # Methods reachable without a token: load balancers and orchestrators probe health.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -44,9 +47,14 @@ def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
     """The canonical code and serialized google.rpc.Status for ``err``: exactly one ErrorInfo,
     plus a RetryInfo when the error carries pushback (``retry_after_s``)."""
     code = grpc.StatusCode[err.status]
+    # Bounded echoes, whatever the raising code did: every metadata value (where a
+    # user-supplied name is quoted) is cut to router.errors.QUOTE_CHARS, the message to
+    # MAX_MESSAGE_CHARS, so an error's trailers stay small for any input.
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+        reason=err.reason, domain=ERROR_DOMAIN,
+        metadata={key: quote(value) for key, value in err.metadata.items()},
     )
+    message = quote(err.message, MAX_MESSAGE_CHARS)
     detail = any_pb2.Any()
     detail.Pack(info)
     details = [detail]
@@ -56,14 +64,17 @@ def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
         pushback = any_pb2.Any()
         pushback.Pack(retry)
         details.append(pushback)
-    status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return code, status.SerializeToString()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: BackboneError) -> None:
     """End the call with ``err``'s status and ErrorInfo (raises, as context.abort does)."""
     code, details = rich_status(err)
-    await context.abort(code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
+    await context.abort(
+        code, quote(err.message, MAX_MESSAGE_CHARS),
+        trailing_metadata=((STATUS_DETAILS_KEY, details),),
+    )
 
 
 def _as_backbone_error(exc: BaseException, method: str) -> BackboneError:

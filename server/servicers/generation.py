@@ -31,6 +31,7 @@ from server.engines.generator import (
     model_specs,
     validate_request,
 )
+from server.calls import hop_timing
 from server.errors import DeadlineTooShort, Unavailable
 from server.hop import HopContext
 

@@ -220,8 +220,8 @@ def conditions_from_proto(flt: pb.Filter) -> tuple[filters.Condition, ...]:
             ))
         else:
             raise InvalidArgument(
-                f"condition on {cond.field!r} sets no test (equals, in or range)",
-                reason="INVALID_FILTER",
+                "a filter condition sets no test (equals, in or range)",
+                reason="INVALID_FILTER", metadata={"field": cond.field},
             )
     return filters.make_filter(out)
 
@@ -617,8 +617,8 @@ def _run_dense_batch(
 def _check_embedding_dimension(dimension: int | None, collection: Collection) -> None:
     if dimension is not None and dimension != collection.spec.dimension:
         raise InvalidArgument(
-            f"the embedding model's dimension {dimension} differs from collection "
-            f"{collection.spec.name!r}'s {collection.spec.dimension}",
+            f"the embedding model's dimension {dimension} differs from the collection's "
+            f"{collection.spec.dimension}",
             reason="DIMENSION_MISMATCH",
             metadata={"expected": collection.spec.dimension, "got": dimension},
         )
