@@ -21,6 +21,7 @@ whatever is stored can also be sent back inside any response.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -128,13 +129,29 @@ def decode_error(method: str, undecodable: Undecodable) -> InvalidArgument:
     )
 
 
-async def checked_requests(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+async def checked_requests(
+    requests: AsyncIterator[Any], method: str, *, require_message: bool = False
+) -> AsyncIterator[Any]:
     """The messages of a client stream; raises :func:`decode_error` at the first one that
-    did not decode (the stream ends there: nothing after it is read)."""
+    did not decode (the stream ends there: nothing after it is read) and the enum rule's
+    error (:func:`check_enums`) at the first with an unknown enum value.
+
+    ``require_message``: the contract's rule for client-streaming RPCs (stream in, one
+    response out: Upsert, Ingest, and any added later): a stream that ends without a
+    single message is INVALID_ARGUMENT / EMPTY_INPUT, as an empty unary batch is. Bidi
+    streams (EmbedStream) may be empty: no requests, no responses, OK."""
+    seen = False
     async for message in requests:
         if isinstance(message, Undecodable):
             raise decode_error(method, message)
+        check_enums(message)
+        seen = True
         yield message
+    if require_message and not seen:
+        raise InvalidArgument(
+            "the request stream ended without a message; send at least one",
+            reason="EMPTY_INPUT", metadata={"method": quote(method)},
+        )
 
 
 def check_struct_depth(struct: struct_pb2.Struct, field: str, limit: int = MAX_STRUCT_DEPTH) -> None:
@@ -156,3 +173,71 @@ def check_struct_depth(struct: struct_pb2.Struct, field: str, limit: int = MAX_S
                 stack.append((value.struct_value, depth + 1))
             elif kind == "list_value":
                 stack.append((value.list_value, depth + 1))
+
+
+# ------------------------------------------------------------------ enums
+
+
+def _is_well_known(desc: Any) -> bool:
+    return desc.full_name.startswith("google.protobuf.")
+
+
+@functools.cache
+def _has_enums(desc: Any) -> bool:
+    """True when messages of ``desc`` can hold an enum field, at any depth (well-known
+    types such as Struct excluded: their only enum, NullValue, needs no check)."""
+    seen: set[str] = set()
+    stack = [desc]
+    while stack:
+        current = stack.pop()
+        if current.full_name in seen or _is_well_known(current):
+            continue
+        seen.add(current.full_name)
+        for field in current.fields:
+            if field.enum_type is not None:
+                return True
+            if field.message_type is not None:
+                stack.append(field.message_type)
+    return False
+
+
+def check_enums(message: Any, path: str = "") -> None:
+    """The contract's one rule for enums: a request whose enum field holds a number its
+    enum does not define (proto3 keeps unknown numbers) is INVALID_ARGUMENT /
+    INVALID_INPUT naming the field (``metadata["field"]``, a path such as
+    ``searches[2].mode``), before any work. Applied by the guard to every request message
+    of every RPC, so a new service gets it too. Only the parts of a message that can hold
+    an enum are walked."""
+    desc = getattr(message, "DESCRIPTOR", None)
+    if desc is None or not _has_enums(desc):
+        return
+    for field, value in message.ListFields():
+        name = f"{path}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            inner = field.message_type.fields_by_name["value"]
+            if inner.enum_type is not None:
+                for key, item in value.items():
+                    _check_enum_value(inner.enum_type, item, f"{name}[{quote(key, 32)}]")
+            elif inner.message_type is not None and _has_enums(inner.message_type):
+                for key, item in value.items():
+                    check_enums(item, f"{name}[{quote(key, 32)}].")
+        elif field.enum_type is not None:
+            if field.is_repeated:
+                for i, item in enumerate(value):
+                    _check_enum_value(field.enum_type, item, f"{name}[{i}]")
+            else:
+                _check_enum_value(field.enum_type, value, name)
+        elif field.message_type is not None and _has_enums(field.message_type):
+            if field.is_repeated:
+                for i, item in enumerate(value):
+                    check_enums(item, f"{name}[{i}].")
+            else:
+                check_enums(value, f"{name}.")
+
+
+def _check_enum_value(enum_type: Any, value: int, field: str) -> None:
+    if value not in enum_type.values_by_number:
+        raise InvalidArgument(
+            f"{field} has no value {value} (unknown {enum_type.name})",
+            reason="INVALID_INPUT", metadata={"field": field},
+        )

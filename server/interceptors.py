@@ -19,7 +19,13 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
-from server.decoding import Undecodable, checked_requests, decode_error, safe_deserializer
+from server.decoding import (
+    Undecodable,
+    check_enums,
+    checked_requests,
+    decode_error,
+    safe_deserializer,
+)
 from router.errors import quote
 from server.errors import (
     ERROR_DOMAIN,
@@ -158,17 +164,18 @@ def _around(
     in_flight: InFlight,
     streaming_in: bool = False,
 ):
-    """Wrap a behaviour: run ``check`` first, answer an undecodable request (see
-    ``server.decoding``), map BackboneError and bugs to rich status, keep the call's task
+    """Wrap a behaviour: run ``check`` first, answer an undecodable request or one with an
+    unknown enum value (see ``server.decoding``), map BackboneError and bugs to rich status, keep the call's task
     in ``in_flight`` while it runs."""
 
     def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The request (or checked request stream) the behaviour gets, after ``check``."""
         check(context)
         if streaming_in:
-            return checked_requests(request, method)
+            return checked_requests(request, method, require_message=not streaming_out)
         if isinstance(request, Undecodable):
             raise decode_error(method, request)
+        check_enums(request)
         return request
 
     def wrap(fn: Behaviour) -> Behaviour:
