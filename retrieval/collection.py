@@ -17,6 +17,7 @@ All methods are blocking; the async servicer runs them in threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +73,17 @@ class CollectionStats:
 
 
 def _dir_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    """Bytes of the files under ``directory``; files (or the whole directory) removed
+    while it counts (a snapshot dropping old files, a concurrent delete) count as 0, never
+    as an error: ``os.walk`` skips directories it cannot list."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 class Collection:

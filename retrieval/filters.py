@@ -19,14 +19,19 @@ from retrieval.errors import InvalidArgument
 
 MAX_CONDITIONS = 16
 MAX_IN_VALUES = 1024
+# Longest filter field name (characters); longer is INVALID_FILTER before any lookup.
+MAX_FIELD_CHARS = 256
 
 Scalar = str | float | bool
 # A hashable key that keeps booleans, numbers and strings apart.
 ValueKey = tuple[str, Any]
 
 
-def _bad(message: str) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_FILTER")
+def _bad(message: str, field: str | None = None) -> InvalidArgument:
+    """INVALID_FILTER; the field name goes into the metadata only (the server bounds every
+    metadata value it sends), never into the message, so it is echoed once."""
+    metadata = {"field": field} if field is not None else None
+    return InvalidArgument(message, reason="INVALID_FILTER", metadata=metadata)
 
 
 def value_key(value: Any) -> ValueKey | None:
@@ -78,24 +83,29 @@ def make_filter(conditions: Sequence[Condition]) -> tuple[Condition, ...]:
     for cond in conditions:
         if not cond.field:
             raise _bad("a filter condition needs a field")
+        if len(cond.field) > MAX_FIELD_CHARS:
+            raise InvalidArgument(
+                f"a filter field name has at most {MAX_FIELD_CHARS} characters",
+                reason="INVALID_FILTER", metadata={"limit": MAX_FIELD_CHARS},
+            )
         if isinstance(cond, Equals):
             if value_key(cond.value) is None:
-                raise _bad(f"equals on {cond.field!r} needs a string, number or boolean")
+                raise _bad("equals needs a string, number or boolean", cond.field)
         elif isinstance(cond, In):
             if not cond.values or len(cond.values) > MAX_IN_VALUES:
-                raise _bad(f"in on {cond.field!r} needs 1-{MAX_IN_VALUES} values")
+                raise _bad(f"in needs 1-{MAX_IN_VALUES} values", cond.field)
             if any(value_key(v) is None for v in cond.values):
-                raise _bad(f"in on {cond.field!r} takes strings, numbers or booleans")
+                raise _bad("in takes strings, numbers or booleans", cond.field)
         elif isinstance(cond, Range):
             bounds = (cond.gte, cond.gt, cond.lte, cond.lt)
             if all(b is None for b in bounds):
-                raise _bad(f"range on {cond.field!r} needs at least one bound")
+                raise _bad("range needs at least one bound", cond.field)
             if any(b is not None and math.isnan(b) for b in bounds):
-                raise _bad(f"range on {cond.field!r} has a NaN bound")
+                raise _bad("range has a NaN bound", cond.field)
             if cond.gte is not None and cond.gt is not None:
-                raise _bad(f"range on {cond.field!r} sets both gte and gt")
+                raise _bad("range sets both gte and gt", cond.field)
             if cond.lte is not None and cond.lt is not None:
-                raise _bad(f"range on {cond.field!r} sets both lte and lt")
+                raise _bad("range sets both lte and lt", cond.field)
         else:  # pragma: no cover - the type union is closed
             raise _bad("unknown condition type")
     return tuple(conditions)
@@ -141,7 +151,7 @@ class MetadataIndex:
         for cond in conditions:
             if cond.field not in self.known_fields:
                 raise InvalidArgument(
-                    f"filter field {cond.field!r} is unknown in this collection",
+                    "a filter field is unknown in this collection",
                     reason="INVALID_FILTER",
                     metadata={"field": cond.field},
                 )

@@ -2,8 +2,17 @@
 
 Creation is atomic: the spec is written into a hidden temporary directory which is
 renamed into place, so a collection directory either has its spec or does not exist.
-Deletion renames the directory to a hidden name first, then removes it. Hidden
-leftovers of either are removed when the manager loads.
+Deletion is atomic too: the collection leaves the table and its directory is renamed to
+a hidden tombstone (``.<name>.deleting-<uuid>``, the rename fsynced) before anything is
+removed, so a crash at any point leaves either the whole collection or none of it; hidden
+leftovers (tombstones, half-made creations) are removed when the manager loads.
+
+Concurrency: ``create`` and ``delete`` are serialised by ``_lock`` (and, in the server, by
+the search hop's one writer thread, which also runs every write). A delete therefore waits
+for the writes submitted before it (they finish and are acknowledged first); writes after
+it, or still streaming into the deleted collection, raise ``CollectionClosed`` (mapped to
+NOT_FOUND). Reads that already hold the collection object finish on its in-memory state;
+``stats`` tolerates the vanished directory. ``get``/``list`` never block on the lock.
 """
 
 from __future__ import annotations
@@ -20,18 +29,29 @@ import msgpack
 from retrieval.collection import SPEC_FILE, Collection
 from retrieval.types import CollectionSpec
 from retrieval.wal import fsync_dir
-from retrieval.errors import AlreadyExists, NotFound
+from retrieval.errors import AlreadyExists, InvalidArgument, NotFound
+from retrieval.types import MAX_NAME_CHARS
 
 log = logging.getLogger(__name__)
 
 
 def collection_not_found(name: str) -> NotFound:
-    """The NOT_FOUND / COLLECTION_NOT_FOUND error for ``name``."""
+    """The NOT_FOUND / COLLECTION_NOT_FOUND error for ``name`` (named once, in the
+    metadata; the server bounds every metadata value it sends)."""
     return NotFound(
-        f"collection {name!r} does not exist",
+        "the collection does not exist",
         reason="COLLECTION_NOT_FOUND",
         metadata={"collection": name},
     )
+
+
+def check_collection_name(name: str) -> None:
+    """INVALID_ARGUMENT for a name longer than any collection's, before any lookup."""
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"a collection name has at most {MAX_NAME_CHARS} characters",
+            metadata={"field": "collection", "limit": MAX_NAME_CHARS},
+        )
 
 
 class CollectionManager:
@@ -63,7 +83,7 @@ class CollectionManager:
             final = self.data_dir / spec.name
             if spec.name in self._collections or final.exists():
                 raise AlreadyExists(
-                    f"collection {spec.name!r} already exists",
+                    "the collection already exists",
                     reason="COLLECTION_EXISTS",
                     metadata={"collection": spec.name},
                 )
@@ -81,7 +101,9 @@ class CollectionManager:
             return collection
 
     def get(self, name: str) -> Collection:
-        """The named collection; NOT_FOUND / COLLECTION_NOT_FOUND when unknown."""
+        """The named collection; NOT_FOUND / COLLECTION_NOT_FOUND when unknown,
+        INVALID_ARGUMENT when longer than any name can be."""
+        check_collection_name(name)
         collection = self._collections.get(name)
         if collection is None:
             raise collection_not_found(name)
@@ -89,10 +111,14 @@ class CollectionManager:
 
     def list(self) -> list[Collection]:
         """Every collection, by name."""
-        return [self._collections[name] for name in sorted(self._collections)]
+        # A copy taken at once (atomic under the GIL): a concurrent create or delete in
+        # the writer thread cannot change the dict while it is iterated.
+        current = dict(self._collections)
+        return [current[name] for name in sorted(current)]
 
     def delete(self, name: str) -> None:
         """Delete a collection and its files; NOT_FOUND when unknown."""
+        check_collection_name(name)
         with self._lock:
             collection = self._collections.pop(name, None)
             if collection is None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from retrieval.errors import InvalidArgument
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_NAME_CHARS = 64
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_NAME_CHARS)
 MAX_DIMENSION = 4096
 MAX_ID_BYTES = 256
 MAX_TEXT_BYTES = 64 * 1024

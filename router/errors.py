@@ -11,6 +11,37 @@ from __future__ import annotations
 
 ERROR_DOMAIN = "backbone.v1"
 
+# A user-supplied value quoted in an error (message or ErrorInfo metadata) keeps at most
+# this many characters; the rest is replaced by a marker saying how many were cut. Quote a
+# value once per error (in the metadata, or the message when there is no metadata key).
+QUOTE_CHARS = 128
+# Longest names the contract accepts (documented in the proto comments); longer ones are
+# INVALID_ARGUMENT before any lookup.
+MAX_COLLECTION_NAME_CHARS = 64
+MAX_MODEL_NAME_CHARS = 128
+MAX_FIELD_NAME_CHARS = 256
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``value`` as text bounded for an error: at most ``limit`` characters, then
+    "…(+N chars)" when longer. Control characters are escaped (``repr`` style) so the
+    quote stays one printable line."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) - limit
+    head = text[:limit] if cut > 0 else text
+    if not head.isprintable():
+        head = head.encode("unicode_escape").decode("ascii")[:limit]
+    return f"{head}…(+{cut} chars)" if cut > 0 else head
+
+
+def check_name_length(value: str, field: str, limit: int) -> None:
+    """INVALID_ARGUMENT when the name ``field`` is longer than ``limit`` characters."""
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{field} is longer than {limit} characters",
+            metadata={"field": field, "limit": limit, "length": len(value)},
+        )
+
 
 class BackboneError(Exception):
     """Base of every error the server reports on purpose."""

@@ -75,12 +75,14 @@ def build_hop(name: str) -> Hop:
 
 
 def unimplemented_handler(service_name: str) -> grpc.GenericRpcHandler:
-    """Answers every method of ``service_name`` with UNIMPLEMENTED + ErrorInfo."""
+    """Answers every method of ``service_name`` with UNIMPLEMENTED + ErrorInfo.
+
+    Requests are never decoded (no request deserializer: the behaviour gets raw bytes), so
+    any payload, even an undecodable one, gets the same UNIMPLEMENTED answer."""
     pool = descriptor_pool.Default()
     service = pool.FindServiceByName(service_name)
 
     def make(method) -> grpc.RpcMethodHandler:
-        req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
         err = NotImplementedYet(f"{service_name}/{method.name} is not implemented yet")
 
@@ -104,7 +106,7 @@ def unimplemented_handler(service_name: str) -> grpc.GenericRpcHandler:
         }[(method.client_streaming, method.server_streaming)]
         return kind(
             behaviour,
-            request_deserializer=req_cls.FromString,
+            request_deserializer=None,
             response_serializer=resp_cls.SerializeToString,
         )
 

@@ -19,6 +19,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from server import metrics
+from server.decoding import (
+    Undecodable,
+    check_enums,
+    checked_requests,
+    decode_error,
+    safe_deserializer,
+)
+from router.errors import quote
 from server.errors import (
     ERROR_DOMAIN,
     BackboneError,
@@ -31,6 +39,8 @@ from server.errors import (
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Longest error message sent (characters); longer ones are cut with a marker.
+MAX_MESSAGE_CHARS = 512
 # Methods reachable without a token: load balancers and orchestrators probe health.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -43,9 +53,14 @@ def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
     """The canonical code and serialized google.rpc.Status for ``err``: exactly one ErrorInfo,
     plus a RetryInfo when the error carries pushback (``retry_after_s``)."""
     code = grpc.StatusCode[err.status]
+    # Bounded echoes, whatever the raising code did: every metadata value (where a
+    # user-supplied name is quoted) is cut to router.errors.QUOTE_CHARS, the message to
+    # MAX_MESSAGE_CHARS, so an error's trailers stay small for any input.
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+        reason=err.reason, domain=ERROR_DOMAIN,
+        metadata={key: quote(value) for key, value in err.metadata.items()},
     )
+    message = quote(err.message, MAX_MESSAGE_CHARS)
     detail = any_pb2.Any()
     detail.Pack(info)
     details = [detail]
@@ -55,14 +70,17 @@ def rich_status(err: BackboneError) -> tuple[grpc.StatusCode, bytes]:
         pushback = any_pb2.Any()
         pushback.Pack(retry)
         details.append(pushback)
-    status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return code, status.SerializeToString()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: BackboneError) -> None:
     """End the call with ``err``'s status and ErrorInfo (raises, as context.abort does)."""
     code, details = rich_status(err)
-    await context.abort(code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
+    await context.abort(
+        code, quote(err.message, MAX_MESSAGE_CHARS),
+        trailing_metadata=((STATUS_DETAILS_KEY, details),),
+    )
 
 
 def _as_backbone_error(exc: BaseException, method: str) -> BackboneError:
@@ -144,9 +162,21 @@ def _around(
     streaming_out: bool,
     check: Callable[[grpc.aio.ServicerContext], None],
     in_flight: InFlight,
+    streaming_in: bool = False,
 ):
-    """Wrap a behaviour: run ``check`` first, map BackboneError and bugs to rich status,
-    keep the call's task in ``in_flight`` while it runs."""
+    """Wrap a behaviour: run ``check`` first, answer an undecodable request or one with an
+    unknown enum value (see ``server.decoding``), map BackboneError and bugs to rich status, keep the call's task
+    in ``in_flight`` while it runs."""
+
+    def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request (or checked request stream) the behaviour gets, after ``check``."""
+        check(context)
+        if streaming_in:
+            return checked_requests(request, method, require_message=not streaming_out)
+        if isinstance(request, Undecodable):
+            raise decode_error(method, request)
+        check_enums(request)
+        return request
 
     def wrap(fn: Behaviour) -> Behaviour:
         if _yields_responses(fn, streaming_out):
@@ -155,8 +185,7 @@ def _around(
                 call = in_flight.enter()
                 responses = None
                 try:
-                    check(context)
-                    responses = fn(request, context)
+                    responses = fn(admit(request, context), context)
                     async for response in responses:
                         if call is not None:
                             call.sending = True
@@ -189,8 +218,7 @@ def _around(
         async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext):
             call = in_flight.enter()
             try:
-                check(context)
-                return await fn(request, context)
+                return await fn(admit(request, context), context)
             except asyncio.CancelledError:
                 if not in_flight.shutting_down():
                     raise  # the caller left: nothing to answer
@@ -220,7 +248,8 @@ def _is_abort(exc: BaseException) -> bool:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (when configured) before any work, maps every error a
+    """Checks the bearer token (when configured) before any work, answers undecodable
+    requests INVALID_ARGUMENT (every handler's deserializer is made safe), maps every error a
     handler raises to a canonical status with exactly one ErrorInfo (never UNKNOWN), and
     keeps the calls in flight (``in_flight``) for the shutdown."""
 
@@ -255,7 +284,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        around = _around(method, handler.response_streaming, self._checker(method), self.in_flight)
+        around = _around(
+            method, handler.response_streaming, self._checker(method), self.in_flight,
+            streaming_in=handler.request_streaming,
+        )
+        if handler.request_deserializer is not None:
+            # Never raise while decoding: an undecodable request becomes a sentinel the
+            # wrapper answers INVALID_ARGUMENT (gRPC itself would say UNKNOWN / INTERNAL).
+            handler = handler._replace(
+                request_deserializer=safe_deserializer(method, handler.request_deserializer)
+            )
         return _wrap_behaviour(handler, around)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from server.engines import registry
+from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
 from server.errors import InvalidArgument, NotFound, Overloaded, Unavailable
 
 if TYPE_CHECKING:
@@ -496,10 +497,11 @@ class ModelRegistry:
             return self.default
         model = self.models.get(name)
         if model is None:
+            check_name_length(name, "model", MAX_MODEL_NAME_CHARS)
             raise NotFound(
-                f"model {name[:64]!r} is not served here",
+                "the model is not served here",
                 reason="MODEL_NOT_FOUND",
-                metadata={"served": ",".join(self.models)},
+                metadata={"model": name, "served": ",".join(self.models)},
             )
         return model
 

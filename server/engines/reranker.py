@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
 from server.errors import InvalidArgument, NotFound
 
 #: Truncation policies, as in the proto's TruncationPolicy (UNSPECIFIED means TRUNCATE).
@@ -185,8 +186,9 @@ def validate_request(
     Counts are checked before anything is iterated, so 100,000 documents cost nothing.
     """
     if model and model != served_model:
+        check_name_length(model, "model", MAX_MODEL_NAME_CHARS)
         raise NotFound(
-            f"reranker {model!r} is not served here",
+            "the reranker is not served here",
             reason="MODEL_NOT_FOUND",
             metadata={"model": model, "served": served_model},
         )

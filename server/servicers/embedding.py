@@ -19,6 +19,7 @@ from server.calls import deadline_of, hop_timing
 from server.config import EmbeddingConfig
 from server.engines import registry
 from server.engines.embedder import Embedder
+from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.hop import HopContext
 
@@ -276,8 +277,9 @@ class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
         self, request: embedding_service_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embedding_service_pb2.EmbedResponse:
         if request.model and request.model != self._hop.model_name:
-            raise NotFound(f"embedding model {request.model!r} is not served here",
-                           reason="MODEL_NOT_FOUND")
+            check_name_length(request.model, "model", MAX_MODEL_NAME_CHARS)
+            raise NotFound("the embedding model is not served here",
+                           reason="MODEL_NOT_FOUND", metadata={"model": request.model})
         texts = list(request.inputs)
         check_inputs(texts, self._hop._limits)
         result = await self._hop.embed(texts, options_from(request), deadline_of(context))

@@ -128,6 +128,10 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
             started = time.perf_counter()
             upserted += await hop.write(collection.upsert, points)
             compute += time.perf_counter() - started
+        if name is None:  # the rule for every client stream (also applied by the guard)
+            raise InvalidArgument(
+                "an Upsert stream needs at least one message", reason="EMPTY_INPUT"
+            )
         total = time.perf_counter() - began
         return pb.UpsertResponse(
             upserted=upserted, timings=[hop_timing("search", queue_s=0, compute_s=compute, total_s=total, batch_size=upserted)]

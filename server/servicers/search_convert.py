@@ -38,6 +38,7 @@ from retrieval.types import (
     check_vector,
     make_spec,
 )
+from server.decoding import check_struct_depth
 from server.errors import InvalidArgument
 
 MAX_SEARCHES_PER_BATCH = 256
@@ -111,6 +112,7 @@ def payload_from_proto(payload: pb.Payload) -> Payload:
             f"payload metadata exceeds {MAX_METADATA_BYTES} bytes",
             reason="INPUT_TOO_LARGE", metadata={"limit": MAX_METADATA_BYTES},
         )
+    check_struct_depth(payload.metadata, "payload.metadata")
     return Payload(payload.text, struct_to_dict(payload.metadata))
 
 
@@ -185,8 +187,8 @@ def conditions_from_proto(flt: pb.Filter) -> tuple[filters.Condition, ...]:
             ))
         else:
             raise InvalidArgument(
-                f"condition on {cond.field!r} sets no test (equals, in or range)",
-                reason="INVALID_FILTER",
+                "a filter condition sets no test (equals, in or range)",
+                reason="INVALID_FILTER", metadata={"field": cond.field},
             )
     return filters.make_filter(out)
 
@@ -300,6 +302,7 @@ def documents_from_proto(documents: Sequence[pb.Document]) -> list[Document]:
                 f"documents[{i}].metadata exceeds {MAX_METADATA_BYTES} bytes",
                 reason="INPUT_TOO_LARGE", metadata={"limit": MAX_METADATA_BYTES},
             )
+        check_struct_depth(doc.metadata, f"documents[{i}].metadata")
         out.append(Document(doc.id, doc.text, struct_to_dict(doc.metadata)))
     return out
 

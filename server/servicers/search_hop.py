@@ -302,8 +302,8 @@ def _run_dense_batch(
 def _check_embedding_dimension(dimension: int | None, collection: Collection) -> None:
     if dimension is not None and dimension != collection.spec.dimension:
         raise InvalidArgument(
-            f"the embedding model's dimension {dimension} differs from collection "
-            f"{collection.spec.name!r}'s {collection.spec.dimension}",
+            f"the embedding model's dimension {dimension} differs from the collection's "
+            f"{collection.spec.dimension}",
             reason="DIMENSION_MISMATCH",
             metadata={"expected": collection.spec.dimension, "got": dimension},
         )

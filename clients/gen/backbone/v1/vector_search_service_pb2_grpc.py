@@ -128,7 +128,10 @@ class VectorSearchServiceServicer:
 
     def Upsert(self, request_iterator, context):
         """Bulk insert-or-replace by id, client-streaming. Acknowledged only once every point
-        of the stream is durable (write-ahead log fsynced).
+        of the stream is durable (write-ahead log fsynced). A stream that ends without a
+        message is INVALID_ARGUMENT / EMPTY_INPUT (the rule of every client-streaming RPC).
+        Writes racing a DeleteCollection of their collection either finish before the delete
+        (the delete waits for them) or are NOT_FOUND / COLLECTION_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +174,7 @@ class VectorSearchServiceServicer:
 
     def Ingest(self, request_iterator, context):
         """Documents in, chunked in token-aware windows, embedded and upserted; client-streaming.
+        A stream that ends without a message is INVALID_ARGUMENT / EMPTY_INPUT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,146 @@
+"""Undecodable requests get INVALID_ARGUMENT / INVALID_INPUT with one ErrorInfo on every
+kind of RPC (the issue's reproducers, then raw bytes to every method), logged at most as
+one rate-limited line."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from server.decoding import MAX_STRUCT_DEPTH, RateLimitedLog
+from tests.fuzz.wire import check_error, contract_methods, raw_call
+from tests.server.server_fakes import only_error_info
+
+EMB = "/backbone.v1.EmbeddingService/"
+VS = "/backbone.v1.VectorSearchService/"
+GEN = "/backbone.v1.GenerationService/"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def nested_struct(depth: int) -> bytes:
+    """A google.protobuf.Struct nesting ``depth`` Structs ({"a": {"a": ...}}), encoded by
+    hand (the client's own encoder refuses deep messages)."""
+    struct = b""  # the innermost, empty Struct: level 1
+    for _ in range(depth - 1):
+        entry = _field(1, b"a") + _field(2, _field(5, struct))  # key, Value.struct_value
+        struct = _field(1, entry)  # Struct.fields
+    return struct
+
+
+def upsert_message(depth: int) -> bytes:
+    """An Upsert/UpsertBatch message for collection "c" whose one point's metadata nests
+    ``depth`` Structs."""
+    point = _field(1, b"p") + _field(3, _field(2, nested_struct(depth)))  # id, payload.metadata
+    return _field(1, b"c") + _field(2, point)
+
+
+def ingest_message(depth: int) -> bytes:
+    """An Ingest message for "c" whose one document's metadata nests ``depth`` Structs."""
+    document = _field(1, b"d") + _field(2, b"text") + _field(3, nested_struct(depth))
+    return _field(1, b"c") + _field(2, document)
+
+
+REPRODUCERS = [
+    (EMB + "Embed", False, False, [bytes.fromhex("ffffffff")], "corrupt wire format"),
+    (EMB + "Embed", False, False, [bytes.fromhex("0a02fffe")], "invalid UTF-8 in a string field"),
+    (VS + "UpsertBatch", False, False, [upsert_message(40)], "nested"),
+    (GEN + "Generate", False, True, [bytes.fromhex("1a100a")], "corrupt wire format"),
+    (VS + "Upsert", True, False, [bytes.fromhex("ffff")], "corrupt wire format"),
+    (VS + "Ingest", True, False, [bytes.fromhex("12ff01")], "corrupt wire format"),
+    (EMB + "EmbedStream", True, True, [bytes.fromhex("ffffff")], "corrupt wire format"),
+    (VS + "Upsert", True, False, [upsert_message(200)], "nested"),
+    (VS + "Upsert", True, False, [upsert_message(300)], "nested"),
+    (VS + "Ingest", True, False, [ingest_message(250)], "nested"),
+]
+
+
+@pytest.mark.parametrize("method,cs,ss,messages,problem", REPRODUCERS,
+                         ids=[f"{r[0].rsplit('/', 1)[1]}-{i}" for i, r in enumerate(REPRODUCERS)])
+async def test_reproducers_are_invalid_argument_with_one_error_info(
+    default_server, captured_log, method, cs, ss, messages, problem
+):
+    _, channel = default_server
+    code, err = await raw_call(channel, method, cs, ss, messages)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, err
+    info = only_error_info(err)
+    assert info.reason == "INVALID_INPUT"
+    assert info.metadata["method"] == method
+    assert problem in info.metadata["problem"]
+    assert "Traceback" not in captured_log.getvalue()
+
+
+async def test_a_bad_message_after_good_ones_in_a_stream_is_invalid_argument(default_server):
+    _, channel = default_server
+    vs = VS + "CreateCollection"
+    create = _field(1, b"c") + bytes([0x10, 8])  # name "c", dimension 8
+    code, _ = await raw_call(channel, vs, False, False, [create])
+    assert code == grpc.StatusCode.OK
+    good = _field(1, b"c") + _field(2, _field(1, b"p") + _field(2, _field(1, b"\x00" * 32)))
+    code, err = await raw_call(channel, VS + "Upsert", True, False, [good, b"\xff\xff"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and check_error(err) == "INVALID_INPUT"
+
+
+async def test_struct_nesting_over_the_contract_limit_is_refused_before_work(default_server):
+    _, channel = default_server
+    create = _field(1, b"c") + bytes([0x10, 8])
+    assert (await raw_call(channel, VS + "CreateCollection", False, False, [create]))[0] == grpc.StatusCode.OK
+    vector = _field(2, _field(1, b"\x00" * 32))
+
+    def batch(depth: int) -> bytes:
+        point = _field(1, b"p") + vector + _field(3, _field(2, nested_struct(depth)))
+        return _field(1, b"c") + _field(2, point)
+
+    code, err = await raw_call(channel, VS + "UpsertBatch", False, False, [batch(MAX_STRUCT_DEPTH)])
+    assert code == grpc.StatusCode.OK, err
+    code, err = await raw_call(channel, VS + "UpsertBatch", False, False, [batch(MAX_STRUCT_DEPTH + 1)])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    info = only_error_info(err)
+    assert info.reason == "INVALID_INPUT" and info.metadata["limit"] == str(MAX_STRUCT_DEPTH)
+
+
+async def test_raw_garbage_to_every_method_keeps_the_contract_and_the_log_small(
+    default_server, captured_log
+):
+    _, channel = default_server
+    methods = contract_methods()
+    assert any("PipelineService" in m for m, _, _ in methods)
+    garbage = [bytes.fromhex(h) for h in ("ff", "ffffffff", "0a02fffe", "12ff01", "1a100a")]
+    calls = 0
+    for method, cs, ss in methods:
+        for raw in garbage:
+            code, err = await raw_call(channel, method, cs, ss, [raw])
+            calls += 1
+            if err is not None:
+                reason = check_error(err)
+                assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
+                                grpc.StatusCode.NOT_FOUND), (method, raw, code)
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    assert reason.startswith("INVALID") or reason in ("EMPTY_INPUT",)
+    assert calls >= 5 * len(methods)
+    # one rate-limited line at most per period, never a traceback
+    assert len(captured_log.getvalue()) < 2000, captured_log.getvalue()[:2000]
+
+
+def test_rate_limited_log_writes_one_line_per_period_with_the_suppressed_count(caplog):
+    now = [0.0]
+    journal = RateLimitedLog(logging.getLogger("t"), period_s=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t"):
+        assert journal.warning("bad %s", "x")
+        assert not any(journal.warning("bad %s", "x") for _ in range(999))
+        now[0] = 10.0
+        assert journal.warning("bad %s", "y")
+    assert [r.getMessage() for r in caplog.records] == ["bad x", "bad y (999 more suppressed)"]
