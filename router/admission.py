@@ -116,7 +116,7 @@ def admit(
     if ceiling:
         budget = min(budget, ceiling)
     wait_s, own_s = max(0.0, wait_s), max(0.0, own_s)
-    fits = wait_s + own_s <= budget
+    fits = wait_s + own_s <= budget + 1e-9  # float slack: exactly the budget fits
     if priority is Priority.LOW:
         # Low is refused first: only admitted while the queue is short.
         wait_budget = policy.low_fraction * budget
