@@ -6,32 +6,30 @@ maximum size, a maximum wait and a token budget (padded tokens: rows x longest r
 grouping items of similar length so padding stays small, and runs each batch in a worker
 thread off the event loop.
 
-Lanes. An engine may run several batches at once (``BatchPolicy.lanes``: model
-instances, e.g. one ONNX Runtime lane per CPU core); each lane has its own worker thread
-and takes the next batch as soon as it is free, so no lane waits for another's batch to
-end. An engine may also offer ``run_alone``: how to run a lone item when every lane is
-idle and nothing else waits (e.g. on all cores at once, which is faster for one item but
-slower in total than one item per core).
-
-Lane depth. A lane may hold more than its running batch (``BatchPolicy.lane_depth``): with
-depth 2, once every lane is busy the next batch is handed to a lane's worker thread ahead
-of time, so the worker starts it the moment the running one ends instead of waiting for
-the event loop to hand it over (measured here: ~2 ms of idle core per batch with 64
-callers on one-text batches). Handed-over batches count as queued work for admission, and
-a batch whose callers all left while it waited on its lane is skipped.
+Lanes. An engine may run several batches at once (``BatchPolicy.lanes``: e.g. one ONNX
+Runtime lane per CPU core), each on its own worker thread, taking the next batch as soon
+as it is free. ``run_alone`` (optional) runs a lone item when every lane is idle and
+nothing else waits (e.g. on all cores at once). With ``lane_depth`` 2 the next batch is
+handed to a busy lane's thread ahead of time, so it starts the moment the running one
+ends (measured here: ~2 ms of idle core per one-text batch otherwise); handed-over
+batches count as queued work, and one whose callers all left is skipped.
 
 Invariants:
 - every future handed out is resolved on every path (result, the batch's own exception,
   ``Overloaded``, ``DeadlineTooShort``, ``Unavailable`` at stop) or cancelled by its caller;
 - items whose caller went away (cancelled) or whose deadline passed are dropped before
   compute;
-- the queue never holds more than ``max_queue`` live items, nor (once a batch has been
-  measured) more estimated work than ``max_queue_delay_s`` (``router.cost_model`` learns
-  a batch's time from the batches that ran): admission of a request is all or nothing,
-  and refusal is immediate;
+- the queue never holds more than ``max_queue`` live items nor ``max_queue_tokens``
+  tokens (hard bounds); a request is admitted only when its estimated completion (the
+  wait for the work ahead plus its own compute, from ``router.cost_model``, which learns
+  a batch's time from the batches that ran) fits its deadline and ``max_queue_delay_s``
+  (``router.admission.admit``): admission of a request is all or nothing, and refusal
+  is immediate;
 - a batch that raises fails only its own items; the loop keeps running; at stop, waiting
   and running items fail with ``Unavailable``;
-- the oldest waiting item is always in the next batch, so no item starves.
+- the oldest waiting item of the highest priority class waiting is always in the next
+  batch, so no item starves within its class (low items wait while higher ones queue;
+  their deadlines bound how long).
 
 No grpc imports: this is policy, driven by unit tests without a network.
 """
@@ -43,96 +41,23 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from router.admission import MIN_RETRY_S, Priority, admit
+from router.batch_policy import BatchPolicy, BatchTiming
+from router.batch_policy import Item as _Item
+from router.batch_policy import Served as _Served
+from router.batch_policy import run_timed as _run_timed
 from router.cost_model import BatchCostModel
 from router.errors import DeadlineTooShort, Overloaded, Unavailable
+
+__all__ = ["BatchPolicy", "BatchTiming", "DynamicBatcher"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-
-# Longest pushback (RetryInfo) a refusal suggests, in seconds.
-MAX_PUSHBACK_S = 1.0
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """Bounds of a batch and of the queue in front of it."""
-
-    max_batch_size: int = 64
-    # How long the oldest item may wait for company while the engine is idle, in seconds.
-    # Applies only while traffic is concurrent (the previous batch held more than one
-    # item): a lone caller on an idle engine is dispatched at once.
-    max_wait_s: float = 0.002
-    # Padded tokens per batch at most: len(batch) * max(cost in batch). A single item
-    # over the budget still runs, alone.
-    token_budget: int = 16384
-    # Live items waiting at most; beyond this a request is refused with Overloaded.
-    max_queue: int = 1024
-    # Estimated wait before compute at most, in seconds; beyond it a request is refused
-    # with Overloaded. The estimate is the batches handed to lanes ahead of time and those
-    # the queued items will make (plus, see below, what is left of the running ones), each
-    # costed by the fit of fixed + per-token time over recent batches, shared among the
-    # lanes. 0 disables the bound; it applies once a batch has been measured.
-    max_queue_delay_s: float = 0.0
-    # What max_queue_delay_s bounds: the whole estimated wait of a new item, what is left
-    # of the running batches included (True), or only the work queued behind them (False:
-    # for batches longer than the bound, which would otherwise refuse whoever arrives
-    # while one runs, even at light load).
-    queue_delay_counts_running: bool = False
-    # Batches that may run at once, each on its own worker thread (engine instances).
-    lanes: int = 1
-    # Batches a lane may hold: the running one, plus (depth - 1) handed to its worker
-    # thread ahead of time. 1 keeps every batch on the loop until a lane is free (best
-    # grouping); 2 keeps the lanes fed when each batch is short (one text per call).
-    lane_depth: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.token_budget < 1:
-            raise ValueError("batch size, queue and token budget must be positive")
-        if self.lanes < 1 or self.lane_depth < 1:
-            raise ValueError("lanes and lane_depth must be at least 1")
-        if self.max_wait_s < 0 or self.max_queue_delay_s < 0:
-            raise ValueError("max_wait_s and max_queue_delay_s must be >= 0")
-
-
-@dataclass(frozen=True)
-class BatchTiming:
-    """How a request's items were served."""
-
-    # Longest time any of its items waited in the queue, seconds.
-    queue_s: float
-    # Compute time of the batches that served its items, summed, seconds.
-    compute_s: float
-    # Largest batch that served one of its items.
-    batch_size: int
-
-
-class _Item(Generic[In, Out]):
-    __slots__ = ("payload", "cost", "future", "enqueued", "deadline")
-
-    def __init__(
-        self, payload: In, cost: int, future: asyncio.Future, deadline: float | None
-    ) -> None:
-        self.payload = payload
-        self.cost = cost
-        self.future = future
-        self.enqueued = time.monotonic()
-        self.deadline = deadline
-
-
-@dataclass(frozen=True)
-class _Served(Generic[Out]):
-    value: Out
-    queue_s: float
-    compute_s: float
-    batch_size: int
-    batch_id: int
 
 
 class DynamicBatcher(Generic[In, Out]):
@@ -156,8 +81,11 @@ class DynamicBatcher(Generic[In, Out]):
         self._run_batch = run_batch
         self._run_alone = run_alone
         self._queue: list[_Item[In, Out]] = []
+        # Tokens (costs) of the items in _queue, dropped ones until purged: the hard bound.
+        self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._admission = policy.admission
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}-{lane}")
             for lane in range(policy.lanes)
@@ -179,9 +107,6 @@ class DynamicBatcher(Generic[In, Out]):
         self._item_cost = 1.0
         # When each lane is expected to be done with all it holds (time.monotonic()); 0: idle.
         self._running_until = [0.0] * policy.lanes
-        # When the last refused caller was told to come back (time.monotonic()): refusals
-        # are handed consecutive return slots so they come back at the engine's pace.
-        self._next_return = 0.0
         # Observers (metrics): called with (batch_size, padded_tokens, compute_s).
         self.on_batch: Callable[[int, int, float], None] | None = None
 
@@ -216,13 +141,9 @@ class DynamicBatcher(Generic[In, Out]):
             executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the (first lane's) batch thread, e.g. to load the model.
-
-        OpenMP (torch's CPU threads) keeps one thread team per thread that runs parallel
-        work; a model that has run on a second thread leaves that team contending with the
-        batch thread's (measured here: single-text encodes 35 % slower). Loading and
-        checking a model on the batch thread keeps all its work on one team.
-        """
+        """Run ``fn(*args)`` on the (first lane's) batch thread, e.g. to load the model:
+        OpenMP keeps a thread team per calling thread, and a second team left by a loader
+        thread slowed encodes 35 % here."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executors[0], fn, *args)
 
@@ -233,38 +154,31 @@ class DynamicBatcher(Generic[In, Out]):
         payloads: Sequence[In],
         costs: Sequence[int],
         deadline: float | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> tuple[list[Out], BatchTiming]:
         """Run ``payloads`` through batches and return their outputs in order.
 
         ``costs`` are the items' token counts. ``deadline`` is a ``time.monotonic()``
-        instant after which items still waiting are dropped. Raises ``Overloaded`` at
-        once when the queue cannot take every item.
+        instant (None: the policy's default deadline from now) after which items still
+        waiting are dropped. Raises ``Overloaded`` at once when the queue cannot take
+        every item or the request cannot finish in time (``check_admission``).
         """
         if not self.healthy():
             raise Unavailable(f"{self.name} batcher is not running")
         if len(payloads) != len(costs):
             raise ValueError("one cost per payload")
-        if len(self._queue) + len(payloads) > self.policy.max_queue:
-            self._purge()
-            if len(self._queue) + len(payloads) > self.policy.max_queue:
-                raise Overloaded(
-                    f"{self.name} queue is full",
-                    metadata={"max_queue": self.policy.max_queue},
-                    retry_after_s=self._pushback_s(self.estimated_delay_s(), costs),
-                )
-        self.check_admission(costs)
+        self._check_hard_bounds(costs)
+        admitted = self.check_admission(costs, deadline=deadline, priority=priority)
         loop = asyncio.get_running_loop()
         items = [
-            _Item(p, max(1, int(c)), loop.create_future(), deadline)
+            _Item(p, max(1, int(c)), loop.create_future(), admitted.deadline, priority)
             for p, c in zip(payloads, costs, strict=True)
         ]
         self._queue.extend(items)
+        self._queued_tokens += sum(i.cost for i in items)
         self._arrived.set()
         try:
-            served: list[_Served[Out]] = (
-                [await items[0].future] if len(items) == 1
-                else await asyncio.gather(*(i.future for i in items))
-            )
+            served: list[_Served[Out]] = await asyncio.gather(*(i.future for i in items))
         except BaseException:
             for item in items:
                 item.future.cancel()
@@ -278,55 +192,78 @@ class DynamicBatcher(Generic[In, Out]):
         )
         return [s.value for s in served], timing
 
-    def check_admission(self, costs: Sequence[int] = ()) -> None:
-        """Raise ``Overloaded`` (with pushback) when the estimated wait of a new item
-        already exceeds ``max_queue_delay_s``; callers may use it to refuse before
-        preparing a request (``costs`` unknown then: one item of the usual size).
+    def _check_hard_bounds(self, costs: Sequence[int]) -> None:
+        """Refuse (Overloaded) a request the queue cannot hold: items or tokens."""
+        tokens = sum(max(1, int(c)) for c in costs)
+        max_tokens = self.policy.max_queue_tokens
 
-        The wait counts the running batches only with ``queue_delay_counts_running``:
-        otherwise a bound shorter than one batch would refuse whoever arrives while the
-        engine is busy, even at light load."""
-        if not self.policy.max_queue_delay_s:
+        def over() -> str | None:
+            if len(self._queue) + len(costs) > self.policy.max_queue:
+                return f"{self.name} queue is full ({self.policy.max_queue} items)"
+            if max_tokens and self._queued_tokens + tokens > max_tokens and self._queue:
+                return f"{self.name} queue is full ({max_tokens} tokens)"
+            return None
+
+        if over() is None:
             return
-        running = self.policy.queue_delay_counts_running
-        if self.estimated_delay_s(running=running) > self.policy.max_queue_delay_s:
-            delay = self.estimated_delay_s()
-            raise Overloaded(
-                f"{self.name} is saturated: about {delay * 1000:.0f} ms of work is queued",
-                metadata={"max_queue_delay_ms": round(self.policy.max_queue_delay_s * 1000)},
-                retry_after_s=self._pushback_s(delay, costs),
-            )
+        self._purge()
+        message = over()
+        if message is None:
+            return
+        live = len(self._queue)
+        # Pushback: the time for enough of the work ahead to drain to make room.
+        share = min(1.0, len(costs) / max(1, live))
+        raise Overloaded(
+            message,
+            metadata={"max_queue": self.policy.max_queue, "max_queue_tokens": max_tokens},
+            retry_after_s=max(MIN_RETRY_S, self.estimated_delay_s() * share),
+        )
 
-    def _pushback_s(self, delay_s: float, costs: Sequence[int] = ()) -> float:
-        """How long a refused caller should wait before trying again (google.rpc.RetryInfo).
+    def check_admission(
+        self,
+        costs: Sequence[int] = (),
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.NORMAL,
+        items: int = 1,
+    ):
+        """Admit (return ``router.admission.Admitted``, with the effective deadline) or
+        refuse at once: ``Overloaded`` with pushback when the estimated wait for the work
+        ahead plus the request's own compute does not fit what is left of its deadline
+        (less the reserve) and ``max_queue_delay_s``; ``DeadlineTooShort`` when the
+        deadline already passed. Callers may use it to refuse before preparing a request
+        (``costs`` unknown then: ``items`` of the usual size)."""
+        return admit(
+            self.name, self._admission,
+            wait_s=self.estimated_delay_s(priority=priority),
+            own_s=self.estimated_compute_s(costs, items=items),
+            deadline=deadline, priority=priority,
+        )
 
-        Not the whole queue's drain time: told that, every refused caller would come back
-        together once the queue is empty and leave the engine idle meanwhile. Each refusal
-        gets the next return slot instead: the moment the queue is expected to be back
-        under its bound, pushed back by the marginal compute of the callers refused
-        before it, so refused callers return at about the pace the engine takes work.
-        At least one batching wait, at most MAX_PUSHBACK_S.
-        """
-        now = time.monotonic()
-        bound = self.policy.max_queue_delay_s
-        ready = now + (max(0.0, delay_s - bound) if bound else delay_s)
-        slot = max(ready, self._next_return)
-        own = sum(max(1, int(c)) for c in costs) or self._item_cost
-        # Its share of the per-call cost too: with a text per call that is most of it.
-        calls = max(1, len(costs)) / self.policy.max_batch_size
-        self._next_return = min(slot, now + MAX_PUSHBACK_S) + (
-            own * self._padding * self.cost.per_token_s + calls * self.cost.fixed_s
-        ) / self.policy.lanes
-        return min(MAX_PUSHBACK_S, max(slot - now, self.policy.max_wait_s, 0.001))
-
-    def estimated_delay_s(self, *, running: bool = True) -> float:
-        """Expected wait of a newly queued item before its batch starts, in seconds: what
-        is left of the running batches (unless ``running`` is False) plus the batches
-        handed to lanes ahead of time and those the queued items will make, shared among
-        the lanes."""
+    def estimated_compute_s(self, costs: Sequence[int] = (), *, items: int = 1) -> float:
+        """Expected compute of a request of items costing ``costs`` tokens (empty: ``items``
+        of the usual size) once its turn comes: its batches shared among the lanes, at
+        least one item's run."""
         if not self.cost.known:
             return 0.0
-        live = [i.cost for i in self._queue if not i.future.done()]
+        sizes = [max(1, int(c)) for c in costs] or [max(1, round(self._item_cost))] * items
+        padded = sum(sizes) * self._padding
+        batches = max(-(-len(sizes) // self.policy.max_batch_size),
+                      -(-int(padded) // self.policy.token_budget))
+        one = self.cost.predict_s(max(1, int(max(sizes) * self._padding)))
+        return max(one, self.cost.predict_s(int(padded), batches) / self.policy.lanes)
+
+    def estimated_delay_s(
+        self, *, running: bool = True, priority: Priority = Priority.LOW
+    ) -> float:
+        """Expected wait of a newly queued item of ``priority`` before its batch starts, in
+        seconds: what is left of the running batches (unless ``running`` is False) plus
+        the batches handed to lanes ahead of time and those the queued items of its class
+        and above will make, shared among the lanes. (The default, LOW, counts every
+        queued item.)"""
+        if not self.cost.known:
+            return 0.0
+        live = [i.cost for i in self._queue if not i.future.done() and i.priority >= priority]
         now = time.monotonic()
         lanes = self.policy.lanes
         if running:
@@ -343,14 +280,18 @@ class DynamicBatcher(Generic[In, Out]):
 
     # -- the loop ------------------------------------------------------------------
 
+    def _set_queue(self, items: list[_Item[In, Out]]) -> None:
+        self._queue = items
+        self._queued_tokens = sum(i.cost for i in items)
+
     def _purge(self) -> None:
-        self._queue = [i for i in self._queue if not i.future.done()]
+        self._set_queue([i for i in self._queue if not i.future.done()])
 
     def _fail_all(self, exc: BaseException) -> None:
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(exc)
-        self._queue.clear()
+        self._set_queue([])
 
     def _batch_full(self) -> bool:
         live = [i.cost for i in self._queue if not i.future.done()]
@@ -456,7 +397,8 @@ class DynamicBatcher(Generic[In, Out]):
                 return
 
     def _take_batch(self) -> list[_Item[In, Out]]:
-        """Remove and return the next batch: the oldest item plus the closest lengths."""
+        """Remove and return the next batch: the oldest item of the highest priority
+        waiting, plus the closest lengths (higher classes first)."""
         now = time.monotonic()
         live: list[_Item[In, Out]] = []
         for item in self._queue:
@@ -469,10 +411,14 @@ class DynamicBatcher(Generic[In, Out]):
                 continue
             live.append(item)
         if not live:
-            self._queue = []
+            self._set_queue([])
             return []
-        oldest = live[0]
-        by_closeness = sorted(live[1:], key=lambda i: (abs(i.cost - oldest.cost), i.enqueued))
+        top = max(i.priority for i in live)
+        oldest = next(i for i in live if i.priority == top)  # live is in arrival order
+        by_closeness = sorted(
+            (i for i in live if i is not oldest),
+            key=lambda i: (-i.priority, abs(i.cost - oldest.cost), i.enqueued),
+        )
         batch = [oldest]
         longest = oldest.cost
         for item in by_closeness:
@@ -484,7 +430,7 @@ class DynamicBatcher(Generic[In, Out]):
             batch.append(item)
             longest = new_longest
         chosen = {id(i) for i in batch}
-        self._queue = [i for i in live if id(i) not in chosen]
+        self._set_queue([i for i in live if id(i) not in chosen])
         return batch
 
     async def _run(
@@ -525,17 +471,3 @@ class DynamicBatcher(Generic[In, Out]):
                 item.future.set_result(
                     _Served(value, started - item.enqueued, compute_s, len(batch), batch_id)
                 )
-
-
-def _run_timed(
-    run: Callable[[list[In]], Sequence[Out]], batch: list[_Item[In, Out]]
-) -> tuple[Sequence[Out], float, float] | None:
-    """On the lane's thread: ``run`` the batch and time it where it actually runs (a batch
-    handed over ahead of time waits on the lane first); None, without running, when every
-    caller left meanwhile. Reading an asyncio future's ``done()`` from this thread is a
-    read of its state, which only the event loop writes."""
-    if all(item.future.done() for item in batch):
-        return None
-    started = time.monotonic()
-    outputs = run([item.payload for item in batch])
-    return outputs, started, time.monotonic()

@@ -83,19 +83,22 @@ class EmbeddingConfig:
     pack: bool = True
     # Tokens per packed row at most (attention cost grows with its square).
     pack_row_tokens: int = 384
-    # Texts waiting in the queue at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    # Admission by deadline (router/admission.py): a request is admitted when its
+    # estimated completion -- the wait for the texts queued or running ahead of it plus
+    # its own compute, from the cost the batcher measures -- fits what is left of its
+    # deadline (less a 5 ms reserve) and max_queue_delay_ms; otherwise it is refused at
+    # once, before it is tokenised, with RESOURCE_EXHAUSTED/OVERLOADED and a RetryInfo
+    # saying when the work ahead will have drained enough. 4 s is a burst of a few
+    # seconds of work: 64 callers of one text each queue ~1-2 s here (15-30 ms a text on
+    # a loaded 2-core CPU), twice that still fits; a backlog that would only grow is
+    # refused. 0: only the deadline bounds.
+    max_queue_delay_ms: float = 4000.0
+    # Deadline of a request that sets none, in milliseconds.
+    default_deadline_ms: float = 10000.0
+    # Hard bounds, whatever the deadlines: texts waiting, and their tokens (the memory the
+    # queue holds: token ids, ~8 bytes each); beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_queue: int = 1024
-    # Estimated wait of a new text at most (measured cost of the queued tokens, shared
-    # among the lanes), in milliseconds; beyond, RESOURCE_EXHAUSTED/OVERLOADED at once,
-    # with pushback. 0 disables this bound. With the ONNX engine on one lane (a text at a
-    # time on every core, ~13 ms) the wait includes what is left of the running text;
-    # with lanes 0 or the torch engine a run (a lane's text, a batch) takes about the
-    # bound or more, so only the work queued behind the running ones counts (counting
-    # them would refuse whoever arrives while one runs, even at light load).
-    # The default keeps an admitted text's p99 within 2x an unloaded one under 3x
-    # overload; on a CPU that costs throughput: for offline or bulk callers use 0 with
-    # max_queue 64 and lanes 0 (see the README's figures).
-    max_queue_delay_ms: float = 25.0
+    max_queue_tokens: int = 262144
     # Input limits, checked before any work.
     max_inputs: int = 256
     max_text_chars: int = 32768
@@ -133,6 +136,13 @@ class SearchConfig:
     search_batch_wait_ms: float = 0.5
     # Dense queries waiting for the index at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_search_queue: int = 4096
+    # Admission by deadline of dense queries (router/admission.py, as embedding): the
+    # estimated wait for the FAISS batches ahead plus the query's own must fit the
+    # deadline and this ceiling, in ms (a FAISS batch takes ~1-10 ms: 2 s is a deep
+    # burst); 0: only the deadline bounds.
+    max_queue_delay_ms: float = 2000.0
+    # Deadline of a search that sets none, in milliseconds.
+    default_deadline_ms: float = 10000.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,9 @@ class RerankConfig:
     max_batch_size: int = 64
     max_wait_ms: float = 2.0
     token_budget: int = 32768
+    # Hard bounds: pairs waiting, and their tokens; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_queue: int = 4096
+    max_queue_tokens: int = 1048576
     max_documents: int = 1000
     max_text_chars: int = 8192
     # Torch device of the rerank model.
@@ -154,10 +166,14 @@ class RerankConfig:
     # maxsim: LRU cache of document vectors, in MiB; 0 disables it. A
     # document reranked again (any query) then costs no model time. ~0.2 MiB per passage.
     doc_cache_mb: int = 256
-    # Estimated wait before compute at most, in ms; beyond it a request is
-    # refused with RESOURCE_EXHAUSTED/OVERLOADED. 0 (default) disables the bound: one
-    # request of 32 passages is about a second of model time on a 2-core CPU.
-    max_queue_delay_ms: float = 0.0
+    # Admission by deadline (router/admission.py, as embedding): the estimated wait for
+    # the pairs ahead plus the request's own compute must fit its deadline (less 5 ms)
+    # and this ceiling, in ms; beyond, RESOURCE_EXHAUSTED/OVERLOADED at once with a
+    # RetryInfo. One request of 32 passages is about a second of model time on a 2-core
+    # CPU: 5 s lets a burst of a few such requests queue. 0: only the deadline bounds.
+    max_queue_delay_ms: float = 5000.0
+    # Deadline of a request that sets none, in milliseconds.
+    default_deadline_ms: float = 10000.0
 
 
 @dataclass(frozen=True)
@@ -172,8 +188,20 @@ class GenerationConfig:
     max_tokens_cap: int = 1024
     max_context_tokens: int = 2048
     max_prompt_chars: int = 65536
-    # Requests waiting for the engine at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    # Requests waiting for the engine at most (the hard bound); beyond,
+    # RESOURCE_EXHAUSTED/OVERLOADED.
     max_waiting: int = 256
+    # Admission by deadline in front of the engine's waiting queue (router/admission.py):
+    # the estimated time to first token -- the wait for a free sequence slot, from the
+    # requests running and waiting and the measured decode step and completion length,
+    # plus the prompt's prefill at the measured rate -- must fit what is left of the
+    # deadline (less 5 ms) and this ceiling, in ms; beyond, RESOURCE_EXHAUSTED/OVERLOADED
+    # at once with a RetryInfo. Generation queues are long by nature (a request holds its
+    # slot for its whole completion): 30 s lets a burst of a few times max_running queue.
+    # 0: only the deadline bounds.
+    max_queue_delay_ms: float = 30000.0
+    # Deadline of a request that sets none, in milliseconds.
+    default_deadline_ms: float = 120000.0
     # -- generation hop engine options (server/engines/generator.py ModelSpec) --
     # Sequences the engine runs at once (vLLM max_num_seqs); more wait, up to max_waiting.
     max_running: int = 32
@@ -327,6 +355,12 @@ def _validate(config: Config) -> None:
     e = config.embedding
     if e.lanes < 0:
         raise ConfigError(f"embedding.lanes {e.lanes} must be >= 0")
+    for name in ("embedding", "search", "rerank", "generation"):
+        section = getattr(config, name)
+        if section.max_queue_delay_ms < 0 or section.default_deadline_ms <= 0:
+            raise ConfigError(
+                f"{name}.max_queue_delay_ms must be >= 0 and {name}.default_deadline_ms > 0"
+            )
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:

@@ -8,8 +8,10 @@ The flow of one request (:meth:`ServedModel.stream`):
 
 1. :func:`validate_request` - shape, sizes and sampling ranges; pure and cheap, so bad
    input is refused before any tokenizer or engine work;
-2. :class:`AdmissionGate` - at most ``max_running + max_waiting`` requests in the engine;
-   beyond, a fast ``Overloaded`` (RESOURCE_EXHAUSTED / OVERLOADED);
+2. :class:`router.admission.AdmissionGate` - at most ``max_running + max_waiting``
+   requests in the engine, and only while the estimated time to first token fits the
+   request's deadline and the model's ceiling; otherwise a fast ``Overloaded``
+   (RESOURCE_EXHAUSTED / OVERLOADED) with a RetryInfo;
 3. prompt rendering (chat template) and tokenisation, then :func:`fit_to_context`;
 4. the engine's token stream, timed (TTFT from receipt, time per output token).
 
@@ -29,9 +31,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from server.engines import registry
+from router.admission import AdmissionGate, AdmissionPolicy, Priority
 from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
-from server.errors import InvalidArgument, NotFound, Overloaded, Unavailable
+from server.engines import registry
+from server.errors import InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
     from server.config import GenerationConfig
@@ -85,6 +88,10 @@ class GenerationRequest:
     prompt: str = ""
     messages: tuple[ChatTurn, ...] = ()
     params: GenerationParams = field(default_factory=GenerationParams)
+    # The caller's deadline (a time.monotonic() instant; None: the model's default) and
+    # priority, for admission.
+    deadline: float | None = None
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,9 @@ class ModelSpec:
     limits: ModelLimits = field(default_factory=ModelLimits)
     max_running: int = 32
     max_waiting: int = 256
+    # Admission by time to first token (see GenerationConfig).
+    max_queue_delay_ms: float = 30000.0
+    default_deadline_ms: float = 120000.0
     # Engine options (see GenerationConfig for their meaning).
     dtype: str = "auto"
     kv_cache_gib: float = 2.0
@@ -187,7 +197,8 @@ def _spec_from(values: Mapping[str, Any], base: ModelSpec) -> ModelSpec:
         raise ValueError(f"unknown generation model keys: {sorted(unknown)}")
     limits = replace(base.limits, **{k: int(v) for k, v in values.items() if k in limits_keys})
     fields = {k: v for k, v in values.items() if k in spec_keys}
-    types = {"max_running": int, "max_waiting": int, "kv_cache_gib": float, "seed": int}
+    types = {"max_running": int, "max_waiting": int, "kv_cache_gib": float, "seed": int,
+             "max_queue_delay_ms": float, "default_deadline_ms": float}
     fields = {k: types.get(k, lambda x: x)(v) for k, v in fields.items()}
     spec = replace(base, limits=limits, **fields)
     if not spec.name:
@@ -213,6 +224,8 @@ def model_specs(config: GenerationConfig) -> list[ModelSpec]:
         ),
         max_running=config.max_running,
         max_waiting=config.max_waiting,
+        max_queue_delay_ms=config.max_queue_delay_ms,
+        default_deadline_ms=config.default_deadline_ms,
         dtype=config.dtype,
         kv_cache_gib=config.kv_cache_gib,
         enforce_eager=config.enforce_eager,
@@ -366,42 +379,6 @@ def fit_to_context(prompt_tokens: int, params: GenerationParams, limits: ModelLi
     return params.max_tokens
 
 
-# --------------------------------------------------------------------------- admission
-
-
-class AdmissionGate:
-    """Bounds the requests in one engine: ``max_running`` run, ``max_waiting`` wait.
-
-    ``acquire`` never waits: past the bound it raises Overloaded at once. Every
-    successful ``acquire`` is matched by exactly one ``release`` (use ``slot()``).
-    """
-
-    def __init__(self, max_running: int, max_waiting: int) -> None:
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.capacity = max_running + max_waiting
-        self.in_flight = 0
-
-    @property
-    def waiting(self) -> int:
-        """Admitted requests beyond what the engine runs at once."""
-        return max(0, self.in_flight - self.max_running)
-
-    def acquire(self) -> None:
-        """Take a slot or raise Overloaded."""
-        if self.in_flight >= self.capacity:
-            raise Overloaded(
-                f"generation queue is full ({self.max_waiting} waiting)",
-                metadata={"max_waiting": self.max_waiting, "max_running": self.max_running},
-            )
-        self.in_flight += 1
-
-    def release(self) -> None:
-        """Give a slot back."""
-        assert self.in_flight > 0, "release without acquire"
-        self.in_flight -= 1
-
-
 # --------------------------------------------------------------------------- serving
 
 
@@ -412,7 +389,13 @@ class ServedModel:
         self.spec = spec
         self.generator = generator
         self.default = default
-        self.gate = AdmissionGate(spec.max_running, spec.max_waiting)
+        self.gate = AdmissionGate(
+            spec.max_running, spec.max_waiting,
+            AdmissionPolicy(
+                max_queue_delay_s=spec.max_queue_delay_ms / 1000.0,
+                default_deadline_s=spec.default_deadline_ms / 1000.0,
+            ),
+        )
         self.ready = False
 
     @property
@@ -443,7 +426,15 @@ class ServedModel:
         ``received_at`` (a ``time.perf_counter()`` value)."""
         if not self.ready or not self.generator.healthy():
             raise Unavailable(f"model {self.name!r} is not ready")
-        self.gate.acquire()
+        # Admitted before tokenising (a refusal costs nothing), on a prompt length guessed
+        # from its characters (~4 per token); a request that finds a free sequence slot
+        # measures the prefill rate.
+        chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        free_slot = self.gate.in_flight < self.gate.max_running
+        self.gate.acquire(
+            prompt_tokens=max(1, chars // 4), deadline=request.deadline,
+            priority=request.priority,
+        )
         try:
             ids = await self._tokenize(request.prompt, request.messages)
             max_tokens = fit_to_context(len(ids), request.params, self.limits)
@@ -461,7 +452,13 @@ class ServedModel:
                             last_at = now
                         yield event
                         continue
-                    yield _timed(event, received_at, first_at, last_at, now)
+                    final = _timed(event, received_at, first_at, last_at, now)
+                    self.gate.ttft.observe(
+                        prompt_tokens=len(ids), completion_tokens=final.completion_tokens,
+                        prefill_s=(final.ttft_s - final.tpot_s) if free_slot and first_at else None,
+                        step_s=final.tpot_s if final.completion_tokens > 1 else None,
+                    )
+                    yield final
                     return
         finally:
             self.gate.release()

@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 
 from backbone.v1 import common_pb2, embedding_service_pb2, embedding_service_pb2_grpc
+from router.admission import Priority
 from router.batcher import BatchPolicy, BatchTiming, DynamicBatcher
 from server import metrics
-from server.calls import deadline_of, hop_timing
+from server.calls import deadline_of, hop_timing, priority_of
 from server.config import EmbeddingConfig
 from server.engines import registry
 from server.engines.embedder import Embedder
@@ -174,9 +175,14 @@ class EmbeddingHop:
         return (await self.embed(texts, EmbedOptions(normalize=normalize))).vectors
 
     async def embed(
-        self, texts: list[str], options: EmbedOptions, deadline: float | None = None
+        self, texts: list[str], options: EmbedOptions, deadline: float | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> EmbedResult:
-        """Embed already-validated texts; the core of both the RPC and in-process use."""
+        """Embed already-validated texts; the core of both the RPC and in-process use.
+
+        Admission by deadline (``router.admission``): refused at once, before
+        tokenising, when the texts cannot be embedded before ``deadline`` (a
+        ``time.monotonic()`` instant; None: the hop's default deadline)."""
         started = time.perf_counter()
         embedder = self._require_embedder()
         if self._batcher is None:
@@ -186,9 +192,10 @@ class EmbeddingHop:
                 f"dimensions {options.dimensions} exceeds the model's {embedder.dimension}",
                 reason="DIMENSION_MISMATCH", metadata={"limit": embedder.dimension},
             )
-        # A saturated engine refuses before the request is tokenised: under overload most
-        # requests are refused, and their tokenising would only slow the engine further.
-        self._batcher.check_admission()
+        # A request that cannot finish in time is refused before it is tokenised: under
+        # overload most requests are refused, and tokenising them would only slow the
+        # engine further. The batcher checks again with the real token counts.
+        self._batcher.check_admission(deadline=deadline, priority=priority, items=len(texts))
         if sum(map(len, texts)) > TOKENIZE_INLINE_CHARS:
             inputs, tokens = await asyncio.to_thread(embedder.prepare, texts)
         else:
@@ -203,7 +210,7 @@ class EmbeddingHop:
                 reason="INPUT_TOO_LARGE", metadata={"limit": limit, "index": index},
             )
         costs = [min(n, limit) for n in tokens]
-        rows, timing = await self._batcher.submit(inputs, costs, deadline)
+        rows, timing = await self._batcher.submit(inputs, costs, deadline, priority)
         vectors = shape_vectors(np.stack(rows), options)
         return EmbedResult(vectors, costs, truncated, timing, time.perf_counter() - started)
 
@@ -229,9 +236,9 @@ class EmbeddingHop:
         return BatchPolicy(
             max_batch_size=size, max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+            max_queue_tokens=cfg.max_queue_tokens,
             max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
-            # A text at a time on every core runs short against the bound: count it.
-            queue_delay_counts_running=size == 1 and lanes == 1,
+            default_deadline_s=cfg.default_deadline_ms / 1000.0,
             lanes=lanes,
             # A text per call leaves nothing to group: hand each lane its next text ahead
             # of time, so it starts without waiting for the event loop.
@@ -282,7 +289,9 @@ class EmbeddingServicer(embedding_service_pb2_grpc.EmbeddingServiceServicer):
                            reason="MODEL_NOT_FOUND", metadata={"model": request.model})
         texts = list(request.inputs)
         check_inputs(texts, self._hop._limits)
-        result = await self._hop.embed(texts, options_from(request), deadline_of(context))
+        result = await self._hop.embed(
+            texts, options_from(request), deadline_of(context), priority_of(context)
+        )
         return to_response(result, self._hop.model_name)
 
     async def Embed(self, request, context):  # noqa: N802 - gRPC method name

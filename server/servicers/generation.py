@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 import grpc
 
@@ -31,7 +32,7 @@ from server.engines.generator import (
     model_specs,
     validate_request,
 )
-from server.calls import hop_timing
+from server.calls import deadline_of, hop_timing, priority_of
 from server.errors import DeadlineTooShort, Unavailable
 from server.hop import HopContext
 
@@ -199,7 +200,9 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         received = time.perf_counter()
         registry = self.hop.require_registry()
         model = registry.resolve(request.model)
-        domain = request_from(request)
+        domain = replace(
+            request_from(request), deadline=deadline_of(context), priority=priority_of(context)
+        )
         validate_request(domain, model.limits)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import grpc
 
 from backbone.v1 import common_pb2, rerank_service_pb2, rerank_service_pb2_grpc
+from router.admission import Priority
 from router.batcher import BatchPolicy, DynamicBatcher
 from server import metrics
-from server.calls import deadline_of, hop_timing
+from server.calls import deadline_of, hop_timing, priority_of
 from server.config import RerankConfig
 from server.engines import registry
 from server.engines.reranker import (
@@ -77,7 +78,9 @@ class RerankHop:
             max_wait_s=cfg.max_wait_ms / 1000.0,
             token_budget=cfg.token_budget,
             max_queue=cfg.max_queue,
+            max_queue_tokens=cfg.max_queue_tokens,
             max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
+            default_deadline_s=cfg.default_deadline_ms / 1000.0,
         )
         self._batcher = DynamicBatcher(HOP, self._engine.run_batch, policy)
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch(HOP, n, s)
@@ -119,10 +122,13 @@ class RerankHop:
         truncation: str = TRUNCATE,
         model: str = "",
         deadline: float | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> RerankOutcome:
         """Rerank ``documents`` for ``query``: best first, the first ``top_n`` (0: all).
 
-        Validates before any work; ``deadline`` is a ``time.monotonic()`` instant.
+        Validates before any work; ``deadline`` is a ``time.monotonic()`` instant (None:
+        the hop's default). A request that cannot finish before it is refused at once,
+        before tokenising (``router.admission``).
         """
         started = time.perf_counter()
         engine = self._require_engine()
@@ -131,9 +137,12 @@ class RerankHop:
         )
         if self._batcher is None:
             raise Unavailable("rerank hop is not started")
+        self._batcher.check_admission(deadline=deadline, priority=priority, items=len(documents))
         prepared = await asyncio.to_thread(engine.prepare, query, list(documents))
         enforce_truncation_policy(prepared, truncation, engine.window)
-        outputs, timing = await self._batcher.submit(prepared.items, prepared.costs, deadline)
+        outputs, timing = await self._batcher.submit(
+            prepared.items, prepared.costs, deadline, priority
+        )
         scores = await asyncio.to_thread(engine.finish, prepared, outputs)
         return RerankOutcome(
             results=rank(scores, prepared.truncated, top_n),
@@ -200,5 +209,6 @@ class RerankServicer(rerank_service_pb2_grpc.RerankServiceServicer):
             truncation=truncation_of(request),
             model=request.model,
             deadline=deadline_of(context),
+            priority=priority_of(context),
         )
         return to_response(outcome, documents, request.return_documents)

@@ -81,6 +81,8 @@ class SearchCore:
             max_wait_s=cfg.search_batch_wait_ms / 1000.0,
             token_budget=cfg.search_batch_max,  # every query costs 1
             max_queue=cfg.max_search_queue,
+            max_queue_delay_s=cfg.max_queue_delay_ms / 1000.0,
+            default_deadline_s=cfg.default_deadline_ms / 1000.0,
         )
         self._dense = DynamicBatcher(
             "search", functools.partial(_run_dense_batch, cfg.faiss_threads), policy

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from router.admission import Priority
 from router.batcher import BatchPolicy, DynamicBatcher
 from server.errors import DeadlineTooShort, Overloaded, Unavailable
 
@@ -243,55 +244,143 @@ async def test_max_wait_gathers_company_once_traffic_is_concurrent(make):
     assert model.batches[-1] == ["d", "e"]
 
 
-async def test_queue_delay_bound_refuses_work_that_would_wait_too_long(make):
-    """Once a batch has been measured, admission is bounded by estimated wait, not count."""
-    model = GatedModel()
-    b = await make(taking(0.4, model), max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.6)
-    assert b.estimated_delay_s() == 0.0  # nothing measured yet: no bound
-    await b.submit(["measure"], [10])  # 10 tokens took ~0.4 s
+def primed(b: DynamicBatcher, per_token_s: float = 0.01) -> None:
+    """Teach ``b``'s cost model a batch cost (10 tokens: 10 x per_token_s seconds) without
+    running anything: the admission tests below then depend on no wall-clock timing."""
+    b.cost.observe(10, 10 * per_token_s)
+
+
+def refused_at_once(coro) -> Overloaded:
+    """Drive ``coro`` (a submit) one step: it must raise Overloaded before its first
+    suspension, i.e. without waiting for anything. Returns the error."""
+    try:
+        coro.send(None)
+    except Overloaded as exc:
+        return exc
+    finally:
+        coro.close()
+    raise AssertionError("the request was not refused before its first wait")
+
+
+async def queue_behind_a_running_item(b: DynamicBatcher, model: GatedModel, queued: int):
+    """Hold the engine on one running item of 10 tokens and queue ``queued`` more."""
     model.gate.clear()
-    model.entered.clear()
     running = asyncio.create_task(b.submit(["run"], [10]))
     await wait_entered(model)
-    # The running batch does not count against the bound: queued work does.
-    admitted = [asyncio.create_task(b.submit([name], [10])) for name in ("fits", "fits too")]
+    tasks = [asyncio.create_task(b.submit([f"q{i}"], [10])) for i in range(queued)]
     await asyncio.sleep(0)
-    assert b.estimated_delay_s(running=False) > 0.6  # "fits" and "fits too", ~0.4 s each
-    assert b.estimated_delay_s() > 1.0  # ...plus the rest of "run"
-    with pytest.raises(Overloaded) as info:
-        await b.submit(["too much"], [10])
-    assert info.value.metadata == {"max_queue_delay_ms": "600"}
-    # Pushback: until the work ahead is back under the bound (~1.2 s - 0.6 s).
-    assert 0.4 < info.value.retry_after_s <= 1.0
-    model.gate.set()
-    await asyncio.gather(running, *admitted)
-    assert b.estimated_delay_s() == 0.0
+    return [running, *tasks]
 
 
-async def test_refused_callers_get_consecutive_return_slots(make):
-    """Pushback spreads refused callers over the engine's pace instead of one herd."""
+async def test_short_deadline_behind_two_seconds_of_work_is_refused_before_any_wait(make):
     model = GatedModel()
-    b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.25)
-    await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
-    model.gate.clear()
-    model.entered.clear()
-    running = asyncio.create_task(b.submit(["run"], [10]))
-    await wait_entered(model)
-    queued = [asyncio.create_task(b.submit([name], [10])) for name in ("fits", "fits too")]
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=5.0)
+    primed(b)  # 10 tokens ~0.1 s
+    held = await queue_behind_a_running_item(b, model, 20)  # ~0.1 s running + 2 s queued
+    assert b.estimated_delay_s() == pytest.approx(2.1, abs=0.02)
+    info = refused_at_once(b.submit(["late"], [10], deadline=time.monotonic() + 0.05))
+    assert info.status == "RESOURCE_EXHAUSTED" and info.reason == "OVERLOADED"
+    # Pushback: when the ~2.1 s of work ahead will have drained (its own 0.1 s does not
+    # fit 45 ms anyway: nothing less would do).
+    assert info.retry_after_s == pytest.approx(2.1, abs=0.05)
+    assert int(info.metadata["estimated_wait_ms"]) == pytest.approx(2100, abs=50)
+    # The same request with a 10 s deadline fits behind the same work and is served.
+    patient = asyncio.create_task(b.submit(["patient"], [10], deadline=time.monotonic() + 10))
     await asyncio.sleep(0)
-    pushbacks = []
-    for _ in range(3):
-        with pytest.raises(Overloaded) as info:
-            await b.submit(["refused"], [10])
-        pushbacks.append(info.value.retry_after_s)
-    # The first comes back when the queue is about back under its bound; each next one a
-    # marginal compute (~0.2 s here) later; none beyond MAX_PUSHBACK_S.
-    assert 0.2 < pushbacks[0] < 0.5  # ~0.6 s ahead (0.2 running + 0.4 queued) - 0.25 s bound
-    assert pushbacks[1] - pushbacks[0] == pytest.approx(0.2, abs=0.08)
-    assert pushbacks[2] - pushbacks[1] == pytest.approx(0.2, abs=0.08)
+    assert b.queued == 21
     model.gate.set()
-    await asyncio.gather(running, *queued)
+    await asyncio.gather(*held)
+    assert (await patient)[0] == ["PATIENT"]
 
+
+async def test_the_ceiling_bounds_whatever_the_deadline(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=1.0)
+    primed(b)
+    held = await queue_behind_a_running_item(b, model, 8)  # ~0.9 s ahead, 0.1 s own: fits
+    fits = asyncio.create_task(b.submit(["fits"], [10], deadline=time.monotonic() + 60))
+    await asyncio.sleep(0)
+    info = refused_at_once(b.submit(["over"], [10], deadline=time.monotonic() + 60))
+    assert "ceiling" in info.message
+    # Retry once ~0.1 s of the 1.0 s ahead has drained (1.0 + 0.1 own - 1.0 ceiling).
+    assert info.retry_after_s == pytest.approx(0.1, abs=0.03)
+    model.gate.set()
+    await asyncio.gather(*held, fits)
+
+
+async def test_no_deadline_gets_the_default_one_and_is_dropped_at_it(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, default_deadline_s=0.2)
+    primed(b, per_token_s=0.001)  # 10 tokens ~10 ms: admitted behind one running item
+    held = await queue_behind_a_running_item(b, model, 0)
+    undated = asyncio.create_task(b.submit(["undated"], [10]))
+    await asyncio.sleep(0.3)  # past its default deadline while the engine is held
+    model.gate.set()
+    await asyncio.gather(*held)
+    with pytest.raises(DeadlineTooShort):
+        await undated
+    assert all("undated" not in batch for batch in model.batches)
+
+
+async def test_a_passed_deadline_is_refused_at_admission(make):
+    b = await make(GatedModel(), max_batch_size=1, max_wait_s=0.0)
+    with pytest.raises(DeadlineTooShort):
+        await b.submit(["late"], [1], deadline=time.monotonic() - 0.001)
+
+
+async def test_low_priority_is_refused_before_normal_under_the_same_pressure(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=3.0,
+                   low_fraction=0.5)
+    primed(b)
+    held = await queue_behind_a_running_item(b, model, 20)  # ~2.1 s ahead
+    deadline = time.monotonic() + 10
+    # Low: admitted only while the wait ahead is under half the 3 s ceiling.
+    info = refused_at_once(b.submit(["low"], [10], deadline, Priority.LOW))
+    assert info.metadata["priority"] == "low"
+    assert info.retry_after_s == pytest.approx(2.1 - 1.5, abs=0.05)
+    normal = asyncio.create_task(b.submit(["normal"], [10], deadline, Priority.NORMAL))
+    await asyncio.sleep(0)
+    assert b.queued == 21
+    model.gate.set()
+    await asyncio.gather(*held, normal)
+
+
+async def test_high_priority_goes_ahead_of_queued_work(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=1.05)
+    primed(b)
+    held = await queue_behind_a_running_item(b, model, 9)  # ~1.0 s ahead + 0.1 own: full
+    refused_at_once(b.submit(["normal"], [10], time.monotonic() + 10))
+    # High waits only for the running item (its class is empty): admitted, served next.
+    assert b.estimated_delay_s(priority=Priority.HIGH) == pytest.approx(0.1, abs=0.02)
+    high = asyncio.create_task(b.submit(["high"], [10], time.monotonic() + 10, Priority.HIGH))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(*held, high)
+    assert model.batches[:2] == [["run"], ["high"]]
+
+
+async def test_hard_bounds_refuse_whatever_the_deadline(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue=50, max_queue_tokens=100)
+    held = await queue_behind_a_running_item(b, model, 9)  # 90 tokens queued
+    info = refused_at_once(b.submit(["big"], [20], time.monotonic() + 60))
+    assert "100 tokens" in info.message and info.retry_after_s > 0
+    small = asyncio.create_task(b.submit(["small"], [10], time.monotonic() + 60))
+    await asyncio.sleep(0)
+    assert b.queued == 10
+    model.gate.set()
+    await asyncio.gather(*held, small)
+
+
+async def test_nothing_measured_admits_up_to_the_hard_bounds(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.001)
+    held = await queue_behind_a_running_item(b, model, 30)
+    assert b.estimated_delay_s() == 0.0 and b.queued == 30
+    model.gate.set()
+    await asyncio.gather(*held)
 
 
 class HeldItems:
@@ -433,22 +522,14 @@ async def test_stop_fails_batches_handed_to_a_lane(make):
             await task
 
 
-async def test_queue_delay_bound_counts_the_running_batch_when_asked(make):
-    for counts_running, refused in ((False, False), (True, True)):
-        model = HeldItems()
-        b = await make(taking(0.2, model), max_batch_size=1, max_wait_s=0.0,
-                       max_queue_delay_s=0.1, queue_delay_counts_running=counts_running)
-        await b.submit(["measure"], [10])  # 10 tokens ~0.2 s
-        held = asyncio.create_task(b.submit(["hold"], [10]))
-        await asyncio.to_thread(model.entered.wait, 10)
-        # ~0.2 s of the running batch left, nothing queued: over a 0.1 s bound only if
-        # the running batch counts.
-        if refused:
-            with pytest.raises(Overloaded):
-                await b.submit(["late"], [10])
-        else:
-            late = asyncio.create_task(b.submit(["late"], [10]))
-        model.gate.set()
-        await held
-        if not refused:
-            assert (await late)[0] == ["LATE"]
+async def test_the_wait_estimate_counts_what_is_left_of_the_running_batch(make):
+    model = HeldItems()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, max_queue_delay_s=0.15)
+    primed(b)  # 10 tokens ~0.1 s
+    held = asyncio.create_task(b.submit(["hold"], [10]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    # ~0.1 s of the running batch left + 0.1 s own > 0.15 s, though nothing is queued.
+    assert 0.05 < b.estimated_delay_s() <= 0.1
+    refused_at_once(b.submit(["late"], [10], time.monotonic() + 10))
+    model.gate.set()
+    await held

@@ -86,12 +86,12 @@ def test_hop_policy_follows_the_engine(onnx_minilm, minilm):
     torch_policy = EmbeddingHop._policy(cfg, minilm)
     assert (torch_policy.max_batch_size, torch_policy.lanes) == (16, 1)
     # Texts are handed to a lane ahead of time only when there is nothing to group; the
-    # admission bound counts the running text only when it runs on every core (short).
+    # admission rule's knobs come from the config.
     assert (onnx_policy.lane_depth, torch_policy.lane_depth) == (2, 1)
     one_lane = EmbeddingHop._policy(cfg, SimpleNamespace(batch_limit=1, lanes=1, runs_alone=False))
-    assert one_lane.queue_delay_counts_running
-    assert not onnx_policy.queue_delay_counts_running or onnx_minilm.lanes == 1
-    assert not torch_policy.queue_delay_counts_running
+    assert one_lane.max_queue_delay_s == cfg.max_queue_delay_ms / 1000
+    assert one_lane.default_deadline_s == cfg.default_deadline_ms / 1000
+    assert one_lane.max_queue_tokens == cfg.max_queue_tokens
 
 
 def test_one_lane_runs_every_text_on_every_core(minilm):
