@@ -34,13 +34,14 @@ CODE_PROMPT = "Write a Python function that reverses a linked list, with unit te
 
 class FakeGenerator:
     """Answers every request with two tokens; ``gate`` (when set) holds each generation
-    after its first token until it is set. Records the max_tokens each call got."""
+    after its first token until it is set, and ``arrivals`` gets one item per held
+    generation. Records the max_tokens each call got."""
 
     engine = "vllm"
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
+        self.arrivals: asyncio.Queue[str] = asyncio.Queue()
         self.max_tokens: list[int] = []
 
     async def start(self) -> None:
@@ -58,8 +59,8 @@ class FakeGenerator:
     ) -> AsyncIterator[TokenDelta | GenerationFinal]:
         self.max_tokens.append(params.max_tokens)
         yield TokenDelta("a", (1,))
-        self.entered.set()
         if self.gate is not None:
+            self.arrivals.put_nowait(request_id)
             await self.gate.wait()
         yield TokenDelta("b", (2,))
         yield GenerationFinal("length", len(ids), 2)
@@ -139,9 +140,8 @@ async def test_saturated_expensive_tier_spills_a_borderline_request(tmp_path):
     cfg = config(weights_file=weights, spill_margin=0.1)
     async with running(cfg, [GenerationHop(generators=gens)]) as server:
         gens["big"].gate = asyncio.Event()
-        gens["big"].entered.clear()
         held = asyncio.create_task(generate(server.address, model="auto", prompt="first"))
-        await gens["big"].entered.wait()  # "large" now runs its max_running=1
+        await gens["big"].arrivals.get()  # "large" now runs its max_running=1
         final, route = await generate(server.address, model="auto", prompt="second")
         assert final.model == DEFAULT
         assert route["tier"] == "small" and route["spilled"] is True
@@ -156,14 +156,13 @@ async def test_saturated_tier_keeps_a_request_far_from_the_boundary(tmp_path):
     cfg = config(weights_file=constant_weights(tmp_path, 2.0), spill_margin=0.1)  # 0.88
     async with running(cfg, [GenerationHop(generators=gens)]) as server:
         gens["big"].gate = asyncio.Event()
-        gens["big"].entered.clear()
         held = asyncio.create_task(generate(server.address, model="auto", prompt="first"))
-        await gens["big"].entered.wait()
+        await gens["big"].arrivals.get()
         second = asyncio.create_task(generate(server.address, model="auto", prompt="second"))
-        while len(gens["big"].max_tokens) < 3:  # probe + both requests reached "big"
-            await asyncio.sleep(0.005)
+        await gens["big"].arrivals.get()  # the second one reached "big" too: it queued
         gens["big"].gate.set()
-        (_, r1), (final, r2) = await held, await second
+        await held
+        final, r2 = await second
     assert final.model == "big" and r2["spilled"] is False and "queued" in r2["reason"]
 
 
