@@ -223,6 +223,42 @@ class GenerationConfig:
     extra_models: Any = ()
 
 
+ROUTING_LEARNED = ("off", "borderline", "always")
+# The default tiers. On this machine all three share the bundled SmolLM2 (the default
+# model, model = "") and differ in their caps; on a GPU host point them at different
+# models (a small, a large and a code model named in [[generation.extra_models]]).
+DEFAULT_TIERS: tuple[dict[str, Any], ...] = (
+    {"name": "small", "cost": 1.0, "scores": [0.0, 0.5], "max_tokens_cap": 256},
+    {"name": "large", "cost": 10.0, "scores": [0.5, 1.0], "max_tokens_cap": 1024,
+     "max_running": 16},
+    {"name": "code", "cost": 4.0, "tasks": ["code"], "max_tokens_cap": 768},
+)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Complexity routing of ``model="auto"`` in the generation hop (router/model_routing.py)."""
+
+    # Tiers: a TOML array of tables ([[routing.tiers]] name, model, cost, scores = [min,
+    # max], tasks = ["code"], max_tokens_cap, max_running), or the same as a JSON string
+    # (env / --set). model names a served model ("" = the default model); an unknown one
+    # fails the generation hop's start. Empty: "auto" means the default model, unrouted.
+    tiers: Any = DEFAULT_TIERS
+    # A saturated tier sends requests whose score is within this of the next cheaper
+    # tier's range down to it (when that one is not saturated).
+    spill_margin: float = 0.1
+    # The learned (embedding) part of the scorer: "off"; "borderline" (only when the
+    # feature score is within learned_band of a tier boundary: most requests pay no
+    # embedding); "always". Needs the embedding hop in the same process; without it the
+    # features decide.
+    learned: str = "borderline"
+    learned_band: float = 0.25
+    # Longest the embedding may take before the features decide alone, in ms.
+    embed_timeout_ms: float = 100.0
+    # Scorer weights (perf/route_train.py writes them); empty: the bundled file.
+    weights_file: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole effective configuration of one process."""
@@ -232,6 +268,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 class ConfigError(ValueError):
@@ -361,6 +398,20 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{name}.max_queue_delay_ms must be >= 0 and {name}.default_deadline_ms > 0"
             )
+    _validate_routing(config.routing)
+
+
+def _validate_routing(r: RoutingConfig) -> None:
+    from router.model_routing import tiers_from
+
+    try:
+        tiers_from(r.tiers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if r.learned not in ROUTING_LEARNED:
+        raise ConfigError(f"routing.learned {r.learned!r} is not one of {', '.join(ROUTING_LEARNED)}")
+    if r.spill_margin < 0 or r.learned_band < 0 or r.embed_timeout_ms < 0:
+        raise ConfigError("routing.spill_margin, learned_band and embed_timeout_ms must be >= 0")
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:

@@ -420,12 +420,16 @@ class ServedModel:
         return await asyncio.to_thread(self.generator.prompt_token_ids, prompt, messages)
 
     async def stream(
-        self, request: GenerationRequest, received_at: float
+        self, request: GenerationRequest, received_at: float, max_tokens_cap: int = 0
     ) -> AsyncIterator[GenerationEvent]:
         """Run ``request`` (already validated) and stream its events, timed from
-        ``received_at`` (a ``time.perf_counter()`` value)."""
+        ``received_at`` (a ``time.perf_counter()`` value). ``max_tokens_cap`` (a routing
+        tier's cap; 0: none) lowers the model's cap for this request."""
         if not self.ready or not self.generator.healthy():
             raise Unavailable(f"model {self.name!r} is not ready")
+        limits = self.limits
+        if 0 < max_tokens_cap < limits.max_tokens_cap:
+            limits = replace(limits, max_tokens_cap=max_tokens_cap)
         # Admitted before tokenising (a refusal costs nothing), on a prompt length guessed
         # from its characters (~4 per token); a request that finds a free sequence slot
         # measures the prefill rate.
@@ -437,7 +441,7 @@ class ServedModel:
         )
         try:
             ids = await self._tokenize(request.prompt, request.messages)
-            max_tokens = fit_to_context(len(ids), request.params, self.limits)
+            max_tokens = fit_to_context(len(ids), request.params, limits)
             params = replace(request.params, max_tokens=max_tokens)
             first_at = last_at = None
             engine_stream = self.generator.generate(request.request_id, ids, params)
@@ -489,7 +493,9 @@ class ModelRegistry:
         self.running: dict[str, ServedModel] = {}
 
     def resolve(self, name: str) -> ServedModel:
-        """The model called ``name``; empty or "auto" means the default."""
+        """The model called ``name``; empty means the default, and so does "auto" where
+        no routing tiers are configured (with tiers, the servicer routes "auto" through
+        ``server.engines.auto_route`` before it gets here)."""
         if not name or name == AUTO_MODEL:
             return self.default
         model = self.models.get(name)
@@ -503,7 +509,11 @@ class ModelRegistry:
         return model
 
     async def stream(
-        self, model: ServedModel, request: GenerationRequest, received_at: float
+        self,
+        model: ServedModel,
+        request: GenerationRequest,
+        received_at: float,
+        max_tokens_cap: int = 0,
     ) -> AsyncIterator[GenerationEvent]:
         """``model.stream`` with the request id registered for Abort while it runs."""
         if request.request_id in self.running:
@@ -512,7 +522,8 @@ class ModelRegistry:
             )
         self.running[request.request_id] = model
         try:
-            async with contextlib.aclosing(model.stream(request, received_at)) as events:
+            events = model.stream(request, received_at, max_tokens_cap)
+            async with contextlib.aclosing(events) as events:
                 async for event in events:
                     yield event
         finally:

@@ -10,6 +10,7 @@ iterators down to the engine, which aborts the sequence before its next step.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -20,7 +21,10 @@ import grpc
 
 from backbone.v1 import common_pb2, generation_service_pb2 as pb, generation_service_pb2_grpc
 from server.engines import registry as engine_registry
+from router.model_routing import tiers_from
+from server.engines.auto_route import AutoRouter, check_tier_models
 from server.engines.generator import (
+    AUTO_MODEL,
     ChatTurn,
     GenerationFinal,
     GenerationParams,
@@ -44,6 +48,8 @@ FINISH_REASONS = {
     "abort": pb.FINISH_REASON_ABORT,
 }
 PROBE_PROMPT = "Hello"
+#: Trailing metadata key explaining an ``auto`` request's routing (JSON).
+ROUTE_METADATA = "backbone-route"
 
 
 def params_from(sampling: pb.SamplingParams) -> GenerationParams:
@@ -120,10 +126,15 @@ class GenerationHop:
         self._given = dict(generators or {})
         self._owned: list[Generator] = []
         self.registry: ModelRegistry | None = None
+        # Routes model="auto" among [[routing.tiers]]; None: no tiers, "auto" = default.
+        self.auto: AutoRouter | None = None
 
     async def start(self, ctx: HopContext) -> None:
         """Load every model's engine, warm it, and answer a real probe through the hop."""
         specs = model_specs(ctx.config.generation)
+        # A tier naming an unknown model fails here, before any engine loads.
+        tiers = tiers_from(ctx.config.routing.tiers)
+        check_tier_models(tiers, [s.name for s in specs])
         models: list[ServedModel] = []
         try:
             for index, spec in enumerate(specs):
@@ -142,6 +153,11 @@ class GenerationHop:
             await self.stop()
             raise
         self.registry = ModelRegistry(models)
+        if tiers:
+            self.auto = AutoRouter(
+                ctx.config.routing, self.registry.models, self.registry.default,
+                embedding=ctx.local.get("embedding"),
+            )
         log.info("generation: serving %s", ", ".join(f"{s.name} ({s.engine})" for s in specs))
 
     @staticmethod
@@ -199,25 +215,38 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
         """Stream deltas, then one final message."""
         received = time.perf_counter()
         registry = self.hop.require_registry()
-        model = registry.resolve(request.model)
         domain = replace(
             request_from(request), deadline=deadline_of(context), priority=priority_of(context)
         )
+        auto = self.hop.auto if request.model == AUTO_MODEL else None
+        if auto is None:
+            model, cap, holding = registry.resolve(request.model), 0, contextlib.nullcontext()
+            if request.model == AUTO_MODEL:
+                route = {"tier": None, "model": model.name, "spilled": False,
+                         "reason": "no routing tiers configured: the default model"}
+                context.set_trailing_metadata(((ROUTE_METADATA, json.dumps(route)),))
+        else:
+            decision = await auto.decide(domain, request.task)
+            model, cap = auto.model_of(decision), decision.tier.max_tokens_cap
+            domain = auto.capped(domain, decision.tier)
+            holding = auto.holding(decision.tier)
+            context.set_trailing_metadata(((ROUTE_METADATA, decision.to_json(model.name)),))
         validate_request(domain, model.limits)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineTooShort("the deadline expired before generation started")
         rid = domain.request_id
-        stream = registry.stream(model, domain, received)
-        async with contextlib.aclosing(stream) as events:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    yield pb.GenerateResponse(
-                        request_id=rid,
-                        delta=pb.GenerateDelta(text=event.text, token_ids=event.token_ids),
-                    )
-                else:
-                    yield final_message(rid, model.name, event)
+        with holding:
+            stream = registry.stream(model, domain, received, cap)
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        yield pb.GenerateResponse(
+                            request_id=rid,
+                            delta=pb.GenerateDelta(text=event.text, token_ids=event.token_ids),
+                        )
+                    else:
+                        yield final_message(rid, model.name, event)
 
     async def Abort(  # noqa: N802 - gRPC method name
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from backbone.v1 import common_pb2 as backbone_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$backbone/v1/generation_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x9f\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"0\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xde\x01\n\rGenerateFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\x1e\n\x16time_to_first_token_us\x18\x03 \x01(\x04\x12 \n\x18time_per_output_token_us\x18\x04 \x01(\x04\x12\'\n\x07timings\x18\x05 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x06 \x01(\t\"\x89\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12+\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1a.backbone.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_tokens_cap\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.backbone.v1.ModelInfo\"_\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\"A\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xbf\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.backbone.v1.GenerateRequest\x1a\x1d.backbone.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.backbone.v1.AbortRequest\x1a\x1a.backbone.v1.AbortResponse\x12M\n\nListModels\x12\x1e.backbone.v1.ListModelsRequest\x1a\x1f.backbone.v1.ListModelsResponse\x12P\n\x0b\x43ountTokens\x12\x1f.backbone.v1.CountTokensRequest\x1a .backbone.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$backbone/v1/generation_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xad\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\"0\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xde\x01\n\rGenerateFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\x1e\n\x16time_to_first_token_us\x18\x03 \x01(\x04\x12 \n\x18time_per_output_token_us\x18\x04 \x01(\x04\x12\'\n\x07timings\x18\x05 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x06 \x01(\t\"\x89\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12+\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1a.backbone.v1.GenerateFinalH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"}\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_tokens_cap\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.backbone.v1.ModelInfo\"_\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\"A\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xbf\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.backbone.v1.GenerateRequest\x1a\x1d.backbone.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.backbone.v1.AbortRequest\x1a\x1a.backbone.v1.AbortResponse\x12M\n\nListModels\x12\x1e.backbone.v1.ListModelsRequest\x1a\x1f.backbone.v1.ListModelsResponse\x12P\n\x0b\x43ountTokens\x12\x1f.backbone.v1.CountTokensRequest\x1a .backbone.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backbone.v1.generation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1511
-  _globals['_FINISHREASON']._serialized_end=1631
+  _globals['_FINISHREASON']._serialized_start=1525
+  _globals['_FINISHREASON']._serialized_end=1645
   _globals['_CHATMESSAGE']._serialized_start=79
   _globals['_CHATMESSAGE']._serialized_end=123
   _globals['_SAMPLINGPARAMS']._serialized_start=126
   _globals['_SAMPLINGPARAMS']._serialized_end=488
   _globals['_GENERATEREQUEST']._serialized_start=491
-  _globals['_GENERATEREQUEST']._serialized_end=650
-  _globals['_GENERATEDELTA']._serialized_start=652
-  _globals['_GENERATEDELTA']._serialized_end=700
-  _globals['_GENERATEFINAL']._serialized_start=703
-  _globals['_GENERATEFINAL']._serialized_end=925
-  _globals['_GENERATERESPONSE']._serialized_start=928
-  _globals['_GENERATERESPONSE']._serialized_end=1065
-  _globals['_ABORTREQUEST']._serialized_start=1067
-  _globals['_ABORTREQUEST']._serialized_end=1101
-  _globals['_ABORTRESPONSE']._serialized_start=1103
-  _globals['_ABORTRESPONSE']._serialized_end=1135
-  _globals['_LISTMODELSREQUEST']._serialized_start=1137
-  _globals['_LISTMODELSREQUEST']._serialized_end=1156
-  _globals['_MODELINFO']._serialized_start=1158
-  _globals['_MODELINFO']._serialized_end=1283
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1285
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1345
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1347
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1442
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1444
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1509
-  _globals['_GENERATIONSERVICE']._serialized_start=1634
-  _globals['_GENERATIONSERVICE']._serialized_end=1953
+  _globals['_GENERATEREQUEST']._serialized_end=664
+  _globals['_GENERATEDELTA']._serialized_start=666
+  _globals['_GENERATEDELTA']._serialized_end=714
+  _globals['_GENERATEFINAL']._serialized_start=717
+  _globals['_GENERATEFINAL']._serialized_end=939
+  _globals['_GENERATERESPONSE']._serialized_start=942
+  _globals['_GENERATERESPONSE']._serialized_end=1079
+  _globals['_ABORTREQUEST']._serialized_start=1081
+  _globals['_ABORTREQUEST']._serialized_end=1115
+  _globals['_ABORTRESPONSE']._serialized_start=1117
+  _globals['_ABORTRESPONSE']._serialized_end=1149
+  _globals['_LISTMODELSREQUEST']._serialized_start=1151
+  _globals['_LISTMODELSREQUEST']._serialized_end=1170
+  _globals['_MODELINFO']._serialized_start=1172
+  _globals['_MODELINFO']._serialized_end=1297
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1299
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1359
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1361
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1456
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1458
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1523
+  _globals['_GENERATIONSERVICE']._serialized_start=1648
+  _globals['_GENERATIONSERVICE']._serialized_end=1967
 # @@protoc_insertion_point(module_scope)
