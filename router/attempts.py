@@ -105,7 +105,8 @@ class ReplicaSet:
         self.in_flight = 0
         self.refused = 0
         self._outlier_at = 0.0
-        #: Hooks for metrics: (endpoint, code) per finished attempt; endpoint per retry/hedge.
+        #: Hooks for metrics: (endpoint, code, seconds) per finished attempt;
+        #: (endpoint, "retry" | "hedge") per extra attempt.
         self.on_attempt: Callable[[Endpoint, str, float], None] | None = None
         self.on_retry: Callable[[Endpoint, str], None] | None = None
 
@@ -174,10 +175,13 @@ class ReplicaSet:
         hedge: bool = False,
         first_message: bool = False,
         keep_open: bool = False,
+        discard: Callable[[Any], None] | None = None,
     ) -> Win:
         """Run the call (see the module doc). ``first_message``: the attempt returns once
         a stream's first message came (its latency is a time to first message);
-        ``keep_open``: the winner stays counted in flight until ``finish_stream``."""
+        ``keep_open``: the winner stays counted in flight until ``finish_stream``;
+        ``discard``: called with the value of an attempt that succeeded too but lost
+        the race (to close its stream)."""
         self.admit(deadline, units)
         self.budget.on_request()
         self.in_flight += 1
@@ -250,6 +254,9 @@ class ReplicaSet:
             raise last
         finally:
             for task, (ep, token, _given) in running.items():
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    if discard is not None:
+                        discard(task.result())
                 task.cancel()
                 # a cancelled loser: its time so far is a (censored) latency sample
                 ep.finish(token, self.clock(), units=units, sample=True)
@@ -292,9 +299,9 @@ class ReplicaSet:
                 given: float | None, *, keep_open: bool = False,
                 first_message: bool = False) -> None:
         now = self.clock()
+        elapsed = now - ep._started.get(token, now)
         if exc is None:
             if keep_open:  # a stream's first message: its latency is the TTFT
-                elapsed = now - ep._started.get(token, now)
                 ep.first_message.add(elapsed)
                 ep.observe(elapsed, units)
                 ep.breaker.record(Outcome.SUCCESS, now)
@@ -314,7 +321,7 @@ class ReplicaSet:
                 ep.push_back(now, exc.retry_after_s if isinstance(exc, AttemptError) else None)
             ep.breaker.record(outcome, now)
         if self.on_attempt is not None:
-            self.on_attempt(ep, code, now)
+            self.on_attempt(ep, code, elapsed)
         self._check_outliers()
 
     def _check_outliers(self, *, force: bool = False) -> None:

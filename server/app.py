@@ -27,6 +27,7 @@ from server.config import Config
 from server.errors import NotImplementedYet
 from server.hop import Hop, HopContext
 from server.interceptors import GuardInterceptor, MetricsInterceptor, abort_with
+from server.load_report import LoadReportInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ HOP_FACTORIES: dict[str, str] = {
     "search": "server.servicers.search:SearchHop",
     "rerank": "server.servicers.rerank:RerankHop",
     "generation": "server.servicers.generation:GenerationHop",
+    # The front door of a split deployment: forwards the four hops' services to their
+    # replicas (config [router]); not part of the embedded default.
+    "router": "server.router.hop:RouterHop",
 }
 # The embedded default serves these, in this order (search needs embedding in-process).
 DEFAULT_HOPS: tuple[str, ...] = ("embedding", "search", "rerank", "generation")
@@ -132,8 +136,8 @@ class BackboneServer:
     def __init__(self, config: Config, hops: Sequence[Hop]) -> None:
         self.config = config
         self.hops = list(hops)
-        self.context = HopContext(config)
         self.health = health.aio.HealthServicer()
+        self.context = HopContext(config, health=self.health)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._guard = GuardInterceptor(config.server.auth_token)
@@ -149,7 +153,14 @@ class BackboneServer:
         """Open the port (health NOT_SERVING), then start every hop and report SERVING."""
         s = self.config.server
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), self._guard],
+            interceptors=[
+                MetricsInterceptor(),
+                self._guard,
+                LoadReportInterceptor(
+                    {name: hop for hop in self.hops for name in hop.service_names},
+                    lambda: len(self._guard.in_flight),
+                ),
+            ],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
