@@ -42,11 +42,11 @@ class AttemptError(Exception):
     """One attempt's error answer: what the router judges, plus the original (``cause``)
     that is relayed to the caller when no retry fixes it."""
 
-    def __init__(self, code: str, *, reason: str = "", retry_after_s: float | None = None,
-                 cause: Any = None) -> None:
-        super().__init__(f"{code} {reason}".strip())
+    def __init__(self, code: str, *, reason: str | None = None,
+                 retry_after_s: float | None = None, cause: Any = None) -> None:
+        super().__init__(f"{code} {reason or ''}".strip())
         self.code = code
-        self.reason = reason
+        self.reason = reason or ""
         self.retry_after_s = retry_after_s
         self.cause = cause
 

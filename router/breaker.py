@@ -49,7 +49,7 @@ REPLICA_FAULTS = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS"})
 
 
 def classify(code: str, *, caller_cancelled: bool = False, fair_deadline: bool = True,
-             reason: str = "") -> Outcome:
+             reason: str | None = None) -> Outcome:
     """The breaker outcome of an attempt that ended with status ``code`` (a
     ``grpc.StatusCode`` name). ``caller_cancelled``: the caller (or a winning hedge) ended
     it. ``fair_deadline``: the attempt had at least the replica's usual latency to answer,

@@ -53,6 +53,7 @@ CONTRACT_MODULES = (
     "backbone.v1.pipeline_service_pb2",
     "backbone.v1.router_service_pb2",
 )
+ROUTER_SERVICE = "backbone.v1.RouterService"
 WATCHDOG_PERIOD_S = 1.0
 # Shutdown: calls still running this long before the grace period ends (at most half of
 # it) are answered by the server, ahead of gRPC core's own cut.
@@ -171,6 +172,13 @@ class BackboneServer:
         for hop in self.hops:
             hop.add_to_server(self._server)
             served.update(hop.service_names)
+        in_process_router = ROUTER_SERVICE not in served
+        if in_process_router:
+            # The embedded default answers ListEndpoints with its own hops ("in-process").
+            from server.router.servicer import add_in_process_router
+
+            add_in_process_router(self._server, self.hops)
+            served.add(ROUTER_SERVICE)
         contract = contract_services()
         for name in contract:
             if name not in served:
@@ -198,6 +206,8 @@ class BackboneServer:
             for name in hop.service_names:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("hop %s is serving", hop.name)
+        if in_process_router:
+            await self.health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch(), name="hop-watchdog")
         self._ready.set()

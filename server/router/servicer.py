@@ -89,3 +89,8 @@ class InProcessRouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     breaker=pb.BREAKER_STATE_CLOSED))
         out.endpoints.sort(key=lambda e: e.service)
         return out
+
+
+def add_in_process_router(server, hops: Iterable[Any]) -> None:  # noqa: ANN001 - grpc.aio.Server
+    """Register the embedded default's RouterService (its hops, "in-process")."""
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(InProcessRouterServicer(hops), server)
