@@ -27,6 +27,7 @@ from server.config import Config
 from server.errors import NotImplementedYet
 from server.hop import Hop, HopContext
 from server.interceptors import GuardInterceptor, MetricsInterceptor, abort_with
+from server.load_report import LoadReportInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ HOP_FACTORIES: dict[str, str] = {
     "search": "server.servicers.search:SearchHop",
     "rerank": "server.servicers.rerank:RerankHop",
     "generation": "server.servicers.generation:GenerationHop",
+    # The front door of a split deployment: forwards the four hops' services to their
+    # replicas (config [router]); not part of the embedded default.
+    "router": "server.router.hop:RouterHop",
 }
 # The embedded default serves these, in this order (search needs embedding in-process).
 DEFAULT_HOPS: tuple[str, ...] = ("embedding", "search", "rerank", "generation")
@@ -49,6 +53,7 @@ CONTRACT_MODULES = (
     "backbone.v1.pipeline_service_pb2",
     "backbone.v1.router_service_pb2",
 )
+ROUTER_SERVICE = "backbone.v1.RouterService"
 WATCHDOG_PERIOD_S = 1.0
 # Shutdown: calls still running this long before the grace period ends (at most half of
 # it) are answered by the server, ahead of gRPC core's own cut.
@@ -134,8 +139,8 @@ class BackboneServer:
     def __init__(self, config: Config, hops: Sequence[Hop]) -> None:
         self.config = config
         self.hops = list(hops)
-        self.context = HopContext(config)
         self.health = health.aio.HealthServicer()
+        self.context = HopContext(config, health=self.health)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._guard = GuardInterceptor(config.server.auth_token)
@@ -151,7 +156,14 @@ class BackboneServer:
         """Open the port (health NOT_SERVING), then start every hop and report SERVING."""
         s = self.config.server
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), self._guard],
+            interceptors=[
+                MetricsInterceptor(),
+                self._guard,
+                LoadReportInterceptor(
+                    {name: hop for hop in self.hops for name in hop.service_names},
+                    lambda: len(self._guard.in_flight),
+                ),
+            ],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -162,6 +174,13 @@ class BackboneServer:
         for hop in self.hops:
             hop.add_to_server(self._server)
             served.update(hop.service_names)
+        in_process_router = ROUTER_SERVICE not in served
+        if in_process_router:
+            # The embedded default answers ListEndpoints with its own hops ("in-process").
+            from server.router.servicer import add_in_process_router
+
+            add_in_process_router(self._server, self.hops)
+            served.add(ROUTER_SERVICE)
         contract = contract_services()
         for name in contract:
             if name not in served:
@@ -189,6 +208,8 @@ class BackboneServer:
             for name in hop.service_names:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("hop %s is serving", hop.name)
+        if in_process_router:
+            await self.health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch(), name="hop-watchdog")
         self._ready.set()

@@ -259,6 +259,89 @@ class RoutingConfig:
     weights_file: str = ""
 
 
+ROUTER_SERVICES = ("embedding", "search", "rerank", "generation")
+ROUTER_BALANCERS = ("p2c", "round_robin", "least_request")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``backbone serve router``: the replicas of each hop and the routing policy.
+
+    ``upstreams`` maps a service (embedding, search, rerank, generation) to a list of
+    targets: ``host:port``, ``dns:///name:port`` (system resolver) or
+    ``dns://DNS_IP:PORT/name:port`` (that DNS server), re-resolved every
+    ``dns_refresh_s``. TOML: ``[router.upstreams]`` ``embedding = ["h1:50051", ...]``;
+    environment / --set: the same as JSON; the flag ``--upstream embedding=h1:1,h2:2``.
+    """
+
+    upstreams: Any = field(default_factory=dict)
+    # "p2c" (power of two choices on latency per unit, in-flight and reported queue
+    # wait), "round_robin" or "least_request".
+    balancer: str = "p2c"
+    dns_refresh_s: float = 5.0
+    # Deadline given to forwarded calls whose caller set none, in seconds.
+    default_timeout_s: float = 30.0
+    # Kept back from the caller's deadline for the answer's way back, in milliseconds.
+    reserve_ms: float = 2.0
+    # Calls in flight per service at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
+    max_in_flight: int = 512
+    # Attempts per call at most (first + retries + hedge).
+    max_attempts: int = 3
+    # Retry budget: retries and hedges <= retry_ratio x requests + retry_floor.
+    retry_ratio: float = 0.2
+    retry_floor: float = 10.0
+    # Hedge idempotent calls (and Generate's first token) slower than the replica set's
+    # recent hedge_percentile, clamped to [hedge_min_ms, hedge_max_ms].
+    hedge: bool = True
+    hedge_percentile: float = 0.95
+    hedge_min_ms: float = 2.0
+    hedge_max_ms: float = 2000.0
+    # Breaker: open on breaker_consecutive failures in a row, or a failure rate of at
+    # least breaker_failure_rate over breaker_window_s with breaker_min_calls calls;
+    # open for breaker_open_s (doubling on re-opening), then breaker_trials trial calls.
+    breaker_consecutive: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_window_s: float = 10.0
+    breaker_min_calls: int = 20
+    breaker_open_s: float = 1.0
+    breaker_trials: int = 2
+    # Latency-outlier ejection: latency per unit over outlier_ratio x the peers' median
+    # (and outlier_min_ms above it) ejects for ejection_s, doubling on repeats up to
+    # max_ejection_s; at most max_ejected_share of a service's replicas at once.
+    outlier_ratio: float = 3.0
+    outlier_min_ms: float = 5.0
+    ejection_s: float = 2.0
+    max_ejection_s: float = 60.0
+    max_ejected_share: float = 0.5
+    # How long start-up waits for a healthy replica of each service before serving.
+    start_wait_s: float = 10.0
+
+
+def router_upstreams(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
+    """``cfg.upstreams`` as {service: targets}, from a table, a JSON string, or lists of
+    comma-separated strings. Raises ConfigError for an unknown service."""
+    value = cfg.upstreams
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"router.upstreams is not JSON: {exc}") from exc
+    if not isinstance(value, Mapping):
+        raise ConfigError("router.upstreams must be a table of service = [targets]")
+    out: dict[str, tuple[str, ...]] = {}
+    for service, targets in value.items():
+        if service not in ROUTER_SERVICES:
+            raise ConfigError(
+                f"router.upstreams.{service}: not one of {', '.join(ROUTER_SERVICES)}")
+        items = [targets] if isinstance(targets, str) else list(targets)
+        flat = tuple(t.strip() for item in items for t in str(item).split(",") if t.strip())
+        if flat:
+            out[service] = flat
+    return out
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole effective configuration of one process."""
@@ -269,6 +352,9 @@ class Config:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 class ConfigError(ValueError):
@@ -399,6 +485,7 @@ def _validate(config: Config) -> None:
                 f"{name}.max_queue_delay_ms must be >= 0 and {name}.default_deadline_ms > 0"
             )
     _validate_routing(config.routing)
+    _validate_router(config.router)
 
 
 def _validate_routing(r: RoutingConfig) -> None:
@@ -412,6 +499,14 @@ def _validate_routing(r: RoutingConfig) -> None:
         raise ConfigError(f"routing.learned {r.learned!r} is not one of {', '.join(ROUTING_LEARNED)}")
     if r.spill_margin < 0 or r.learned_band < 0 or r.embed_timeout_ms < 0:
         raise ConfigError("routing.spill_margin, learned_band and embed_timeout_ms must be >= 0")
+
+
+def _validate_router(r: RouterConfig) -> None:
+    router_upstreams(r)
+    if r.balancer not in ROUTER_BALANCERS:
+        raise ConfigError(f"router.balancer {r.balancer!r} is not one of {', '.join(ROUTER_BALANCERS)}")
+    if not 0 <= r.max_ejected_share <= 1 or r.max_attempts < 1 or r.max_in_flight < 1:
+        raise ConfigError("router: max_ejected_share in [0, 1], max_attempts and max_in_flight >= 1")
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:

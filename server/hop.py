@@ -29,6 +29,9 @@ class HopContext:
     # Started hops of this process by name ("embedding", "search", ...), for in-process
     # calls that skip the network in the embedded default.
     local: dict[str, Any] = field(default_factory=dict)
+    # The process's grpc.health.v1 servicer (``await health.set(name, status)``), for
+    # hops whose health changes while they run (the router follows its replicas').
+    health: Any = None
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,14 @@ import sys
 import uvloop
 
 from server.app import HOP_FACTORIES, BackboneServer, hops_for
-from server.config import Config, ConfigError, load_config, parse_assignment, redacted
+from server.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_assignment,
+    redacted,
+    router_upstreams,
+)
 
 log = logging.getLogger("backbone")
 
@@ -32,6 +40,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 50051; 0 picks one)")
+    parser.add_argument(
+        "--upstream", action="append", default=[], metavar="SERVICE=ADDR[,ADDR...]",
+        help="router: replicas of one service (embedding, search, rerank, generation): "
+             "host:port, dns:///name:port; repeatable; replaces that service's "
+             "[router.upstreams] entry",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set embedding.max_batch_size=32",
@@ -48,7 +62,19 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         overrides.setdefault("server", {})["host"] = args.host
     if args.port is not None:
         overrides.setdefault("server", {})["port"] = str(args.port)
-    return load_config(args.config, os.environ if environ is None else environ, overrides)
+    config = load_config(args.config, os.environ if environ is None else environ, overrides)
+    flags: dict[str, list[str]] = {}
+    for text in getattr(args, "upstream", None) or ():
+        service, sep, addresses = text.partition("=")
+        if not sep or not addresses.strip():
+            raise ConfigError(f"--upstream wants SERVICE=ADDR[,ADDR...], got {text!r}")
+        flags.setdefault(service.strip(), []).extend(a for a in addresses.split(",") if a.strip())
+    if flags:
+        upstreams = {**router_upstreams(config.router), **flags}
+        router = dataclasses.replace(config.router, upstreams=upstreams)
+        router_upstreams(router)  # unknown service names fail here
+        config = dataclasses.replace(config, router=router)
+    return config
 
 
 async def run(config: Config, services: list[str]) -> int:

@@ -143,6 +143,11 @@ class EmbeddingHop:
             EmbeddingServicer(self), server
         )
 
+    def load(self) -> float:
+        """Estimated wait of a new text before its batch runs, in seconds (reported to
+        routers in trailing metadata, see server/load_report.py)."""
+        return self._batcher.estimated_delay_s() if self._batcher is not None else 0.0
+
     def healthy(self) -> bool:
         """True while the batcher runs."""
         return self._batcher is not None and self._batcher.healthy()

@@ -337,7 +337,8 @@ def placeholder_methods() -> list[tuple[str, object]]:
     return [
         (name, method)
         for name in contract_services()
-        if name != EMBEDDING_SERVICE
+        # RouterService is always served: in-process ListEndpoints when no router hop runs
+        if name not in (EMBEDDING_SERVICE, "backbone.v1.RouterService")
         for method in pool.FindServiceByName(name).methods
     ]
 

@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n backbone/v1/router_service.proto\x12\x0b\x62\x61\x63kbone.v1\"\'\n\x14ListEndpointsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xea\x01\n\x08\x45ndpoint\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06health\x18\x03 \x01(\x0e\x32\x1b.backbone.v1.EndpointHealth\x12*\n\x07\x62reaker\x18\x04 \x01(\x0e\x32\x19.backbone.v1.BreakerState\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x17\n\x0flatency_ewma_us\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p99_us\x18\x07 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x08 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\x04\"A\n\x15ListEndpointsResponse\x12(\n\tendpoints\x18\x01 \x03(\x0b\x32\x15.backbone.v1.Endpoint*o\n\x0e\x45ndpointHealth\x12\x1f\n\x1b\x45NDPOINT_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NDPOINT_HEALTH_SERVING\x10\x01\x12\x1f\n\x1b\x45NDPOINT_HEALTH_NOT_SERVING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32g\n\rRouterService\x12V\n\rListEndpoints\x12!.backbone.v1.ListEndpointsRequest\x1a\".backbone.v1.ListEndpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n backbone/v1/router_service.proto\x12\x0b\x62\x61\x63kbone.v1\"\'\n\x14ListEndpointsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\x98\x03\n\x08\x45ndpoint\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06health\x18\x03 \x01(\x0e\x32\x1b.backbone.v1.EndpointHealth\x12*\n\x07\x62reaker\x18\x04 \x01(\x0e\x32\x19.backbone.v1.BreakerState\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x17\n\x0flatency_ewma_us\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p99_us\x18\x07 \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x08 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\t \x01(\x04\x12\x11\n\tejections\x18\n \x01(\x04\x12\x0f\n\x07\x65jected\x18\x0b \x01(\x08\x12\x1e\n\x16reported_queue_wait_us\x18\x0c \x01(\x04\x12\x1a\n\x12reported_in_flight\x18\r \x01(\r\x12\x0e\n\x06weight\x18\x0e \x01(\x01\x12\x0f\n\x07retries\x18\x0f \x01(\x04\x12\x0e\n\x06hedges\x18\x10 \x01(\x04\x12\x1b\n\x13latency_per_unit_us\x18\x11 \x01(\x04\"\xcd\x01\n\x15ListEndpointsResponse\x12(\n\tendpoints\x18\x01 \x03(\x0b\x32\x15.backbone.v1.Endpoint\x12R\n\x11retry_budget_left\x18\x02 \x03(\x0b\x32\x37.backbone.v1.ListEndpointsResponse.RetryBudgetLeftEntry\x1a\x36\n\x14RetryBudgetLeftEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*o\n\x0e\x45ndpointHealth\x12\x1f\n\x1b\x45NDPOINT_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NDPOINT_HEALTH_SERVING\x10\x01\x12\x1f\n\x1b\x45NDPOINT_HEALTH_NOT_SERVING\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32g\n\rRouterService\x12V\n\rListEndpoints\x12!.backbone.v1.ListEndpointsRequest\x1a\".backbone.v1.ListEndpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backbone.v1.router_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDPOINTHEALTH']._serialized_start=394
-  _globals['_ENDPOINTHEALTH']._serialized_end=505
-  _globals['_BREAKERSTATE']._serialized_start=507
-  _globals['_BREAKERSTATE']._serialized_end=631
+  _globals['_LISTENDPOINTSRESPONSE_RETRYBUDGETLEFTENTRY']._loaded_options = None
+  _globals['_LISTENDPOINTSRESPONSE_RETRYBUDGETLEFTENTRY']._serialized_options = b'8\001'
+  _globals['_ENDPOINTHEALTH']._serialized_start=709
+  _globals['_ENDPOINTHEALTH']._serialized_end=820
+  _globals['_BREAKERSTATE']._serialized_start=822
+  _globals['_BREAKERSTATE']._serialized_end=946
   _globals['_LISTENDPOINTSREQUEST']._serialized_start=49
   _globals['_LISTENDPOINTSREQUEST']._serialized_end=88
   _globals['_ENDPOINT']._serialized_start=91
-  _globals['_ENDPOINT']._serialized_end=325
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=327
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=392
-  _globals['_ROUTERSERVICE']._serialized_start=633
-  _globals['_ROUTERSERVICE']._serialized_end=736
+  _globals['_ENDPOINT']._serialized_end=499
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=502
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=707
+  _globals['_LISTENDPOINTSRESPONSE_RETRYBUDGETLEFTENTRY']._serialized_start=653
+  _globals['_LISTENDPOINTSRESPONSE_RETRYBUDGETLEFTENTRY']._serialized_end=707
+  _globals['_ROUTERSERVICE']._serialized_start=948
+  _globals['_ROUTERSERVICE']._serialized_end=1051
 # @@protoc_insertion_point(module_scope)

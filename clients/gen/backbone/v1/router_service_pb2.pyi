@@ -34,7 +34,7 @@ class ListEndpointsRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("service", "address", "health", "breaker", "in_flight", "latency_ewma_us", "latency_p99_us", "calls", "failures")
+    __slots__ = ("service", "address", "health", "breaker", "in_flight", "latency_ewma_us", "latency_p99_us", "calls", "failures", "ejections", "ejected", "reported_queue_wait_us", "reported_in_flight", "weight", "retries", "hedges", "latency_per_unit_us")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,14 @@ class Endpoint(_message.Message):
     LATENCY_P99_US_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_QUEUE_WAIT_US_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    HEDGES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_PER_UNIT_US_FIELD_NUMBER: _ClassVar[int]
     service: str
     address: str
     health: EndpointHealth
@@ -53,10 +61,27 @@ class Endpoint(_message.Message):
     latency_p99_us: int
     calls: int
     failures: int
-    def __init__(self, service: _Optional[str] = ..., address: _Optional[str] = ..., health: _Optional[_Union[EndpointHealth, str]] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., in_flight: _Optional[int] = ..., latency_ewma_us: _Optional[int] = ..., latency_p99_us: _Optional[int] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+    ejections: int
+    ejected: bool
+    reported_queue_wait_us: int
+    reported_in_flight: int
+    weight: float
+    retries: int
+    hedges: int
+    latency_per_unit_us: int
+    def __init__(self, service: _Optional[str] = ..., address: _Optional[str] = ..., health: _Optional[_Union[EndpointHealth, str]] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., in_flight: _Optional[int] = ..., latency_ewma_us: _Optional[int] = ..., latency_p99_us: _Optional[int] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ..., ejections: _Optional[int] = ..., ejected: _Optional[bool] = ..., reported_queue_wait_us: _Optional[int] = ..., reported_in_flight: _Optional[int] = ..., weight: _Optional[float] = ..., retries: _Optional[int] = ..., hedges: _Optional[int] = ..., latency_per_unit_us: _Optional[int] = ...) -> None: ...
 
 class ListEndpointsResponse(_message.Message):
-    __slots__ = ("endpoints",)
+    __slots__ = ("endpoints", "retry_budget_left")
+    class RetryBudgetLeftEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BUDGET_LEFT_FIELD_NUMBER: _ClassVar[int]
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+    retry_budget_left: _containers.ScalarMap[str, float]
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., retry_budget_left: _Optional[_Mapping[str, float]] = ...) -> None: ...

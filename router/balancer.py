@@ -1,0 +1,72 @@
+"""Replica picking: power of two choices on a latency-aware cost, or round robin or least
+request for comparison.
+
+Cost of sending a call of ``units`` units of work to a replica (seconds, lower is
+better)::
+
+    (ewma_per_unit * units) * (1 + in_flight) + reported_queue_wait, divided by weight
+
+``in_flight`` is this router's calls running there and ``reported_queue_wait`` what the
+replica said its queue would make a new call wait (so several routers see one load).
+A replica with no sample yet costs the median of its peers' EWMA (it gets traffic, and
+so samples, at once). No grpc imports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+from collections.abc import Sequence
+
+from router.endpoints import Endpoint
+
+POLICIES = ("p2c", "round_robin", "least_request")
+
+
+def cost(ep: Endpoint, units: int, default_per_unit: float) -> float:
+    """The expected time for a call of ``units`` units on ``ep`` (see the module doc)."""
+    per_unit = ep.ewma_per_unit_s if ep.ewma_per_unit_s is not None else default_per_unit
+    work = per_unit * max(1, units)
+    return (work * (1 + ep.in_flight) + ep.reported_wait_s) / max(ep.weight, Endpoint.MIN_WEIGHT)
+
+
+def _default_per_unit(candidates: Sequence[Endpoint]) -> float:
+    known = [ep.ewma_per_unit_s for ep in candidates if ep.ewma_per_unit_s is not None]
+    return statistics.median(known) if known else 0.0
+
+
+class Balancer:
+    """Picks one replica among candidates with the configured policy."""
+
+    def __init__(self, policy: str = "p2c", rng: random.Random | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"balancer policy {policy!r} is not one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self._rr = itertools.count()
+
+    def pick(self, candidates: Sequence[Endpoint], units: int = 1) -> Endpoint | None:
+        """The replica to send the call to; None when ``candidates`` is empty."""
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.policy == "round_robin":
+            return candidates[next(self._rr) % len(candidates)]
+        if self.policy == "least_request":
+            low = min(ep.in_flight for ep in candidates)
+            return self.rng.choice([ep for ep in candidates if ep.in_flight == low])
+        a, b = self.rng.sample(list(candidates), 2)
+        default = _default_per_unit(candidates)
+        return a if cost(a, units, default) <= cost(b, units, default) else b
+
+    def estimate_s(self, candidates: Sequence[Endpoint], units: int = 1) -> float | None:
+        """The lowest expected latency of a call among ``candidates`` (for refusing a
+        deadline nobody can meet); None when no replica has a sample yet."""
+        known = [ep for ep in candidates if ep.ewma_per_unit_s is not None]
+        if not known:
+            return None
+        # Unloaded time: the work and the reported queue, not this router's in-flight
+        # multiplier (batching hops run concurrent calls together).
+        return min(ep.ewma_per_unit_s * max(1, units) + ep.reported_wait_s for ep in known)

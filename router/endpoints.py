@@ -1,0 +1,163 @@
+"""Per-replica state the router balances on: latency per unit of work, recent tail,
+in-flight calls, the load the replica reports, counters, health and weight.
+
+No grpc imports and no clock of its own: every method that depends on time takes
+``now`` (``time.monotonic()`` in production, a fake clock in tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.breaker import CircuitBreaker
+
+# Weight of a new sample in the latency EWMA.
+EWMA_ALPHA = 0.2
+# Samples kept for the recent p95/p99.
+WINDOW = 128
+
+
+class LatencyWindow:
+    """The last ``size`` latencies (seconds) and their percentiles."""
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        """Record one latency."""
+        self._samples.append(seconds)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) of the window (nearest rank); None when empty."""
+        if not self._samples:
+            return None
+        ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class Endpoint:
+    """One replica of one service, as this router sees it.
+
+    Invariants: ``in_flight`` equals the started minus finished calls (``start`` returns
+    a token that ``finish`` or ``abandon`` consumes exactly once); ``ewma_per_unit_s``
+    is None until the first completed call.
+    """
+
+    service: str
+    address: str
+    breaker: CircuitBreaker
+    #: Health from the replica's grpc.health.v1 Watch: None unknown, True SERVING.
+    healthy: bool | None = None
+    #: False once discovery dropped the address (calls in flight may still finish).
+    active: bool = True
+    ewma_per_unit_s: float | None = None
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    #: Time to first streamed message (Generate's TTFT).
+    first_message: LatencyWindow = field(default_factory=LatencyWindow)
+    #: What the replica last reported in trailing metadata.
+    reported_wait_s: float = 0.0
+    reported_in_flight: int = 0
+    #: RESOURCE_EXHAUSTED pushback: not picked before this instant; weight halves on
+    #: each pushback and recovers on successes (never above 1, never below MIN_WEIGHT).
+    pushback_until: float = 0.0
+    weight: float = 1.0
+    #: Latency-outlier ejection: out of rotation until this instant.
+    ejected_until: float = 0.0
+    ejections: int = 0
+    calls: int = 0
+    failures: int = 0
+    retries: int = 0
+    hedges: int = 0
+    _started: dict[int, float] = field(default_factory=dict)
+    _tokens: itertools.count = field(default_factory=itertools.count)
+
+    MIN_WEIGHT = 0.05
+
+    @property
+    def in_flight(self) -> int:
+        """Calls this router has running on the replica now."""
+        return len(self._started)
+
+    def oldest_in_flight_s(self, now: float) -> float:
+        """Age of the longest-running call in flight (0 when none): a hung replica's
+        latency shows here long before any of its calls completes."""
+        return max((now - t for t in self._started.values()), default=0.0)
+
+    def start(self, now: float) -> int:
+        """Count a call as started; returns its token."""
+        token = next(self._tokens)
+        self._started[token] = now
+        self.calls += 1
+        return token
+
+    def finish(self, token: int, now: float, *, units: int = 1, ok: bool = True,
+               sample: bool = True) -> float:
+        """Count the call ``token`` as ended; with ``sample`` its latency (per unit of
+        work) feeds the EWMA and the window. Returns the call's latency."""
+        began = self._started.pop(token, now)
+        elapsed = max(0.0, now - began)
+        if not ok:
+            self.failures += 1
+        if sample:
+            self.observe(elapsed, units)
+        if ok and self.weight < 1.0:
+            self.weight = min(1.0, self.weight * 1.1)
+        return elapsed
+
+    def observe(self, elapsed_s: float, units: int = 1) -> None:
+        """Feed one latency of a call of ``units`` units of work."""
+        per_unit = elapsed_s / max(1, units)
+        if self.ewma_per_unit_s is None:
+            self.ewma_per_unit_s = per_unit
+        else:
+            self.ewma_per_unit_s += EWMA_ALPHA * (per_unit - self.ewma_per_unit_s)
+        self.latency.add(elapsed_s)
+
+    def report(self, wait_s: float | None, in_flight: int | None) -> None:
+        """Record the load the replica reported with an answer."""
+        if wait_s is not None:
+            self.reported_wait_s = max(0.0, wait_s)
+        if in_flight is not None:
+            self.reported_in_flight = max(0, in_flight)
+
+    def push_back(self, now: float, retry_after_s: float | None) -> None:
+        """RESOURCE_EXHAUSTED from the replica: keep off it for its RetryInfo delay and
+        lower its weight (the breaker does not count this)."""
+        self.pushback_until = max(self.pushback_until, now + (retry_after_s or 0.0))
+        self.weight = max(self.MIN_WEIGHT, self.weight / 2)
+
+    def in_rotation(self, now: float) -> bool:
+        """True when the balancer may pick it: active, healthy, breaker lets a call
+        through, not ejected and not pushed back."""
+        return (
+            self.active
+            and self.healthy is True
+            and now >= self.ejected_until
+            and now >= self.pushback_until
+            and self.breaker.allows(now)
+        )
+
+    def usable(self, now: float) -> bool:
+        """The fallback set once ejections took out every replica: active, healthy and
+        breaker not open."""
+        return self.active and self.healthy is True and self.breaker.allows(now)
+
+
+def merged_percentile(endpoints: list[Endpoint], q: float, *, first: bool = False) -> float | None:
+    """The ``q`` quantile over the recent windows of ``endpoints`` together (the
+    replica set's recent tail); ``first`` uses the time-to-first-message windows."""
+    samples: list[float] = []
+    for ep in endpoints:
+        samples.extend((ep.first_message if first else ep.latency)._samples)
+    if not samples:
+        return None
+    samples.sort()
+    return samples[min(len(samples) - 1, max(0, int(q * len(samples) + 0.5) - 1))]

@@ -1,0 +1,1 @@
+"""The router hop: forwarding of the four hops' services to their replicas."""

@@ -1,0 +1,90 @@
+"""Picking: p2c on latency per unit of work, in-flight and reported queue wait."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from router.balancer import Balancer, cost
+from router.outlier import OutlierDetector
+from tests.router.policy_fakes import endpoint
+
+
+def test_p2c_prefers_the_fast_replica():
+    fast = [endpoint(f"f{i}:1", ewma=0.001) for i in range(2)]
+    slow = endpoint("slow:1", ewma=0.005)
+    balancer = Balancer("p2c", random.Random(7))
+    picks = collections.Counter(balancer.pick([*fast, slow]).address for _ in range(3000))
+    # the slow one wins no pair it is in: never picked
+    assert picks["slow:1"] == 0
+    assert picks["f0:1"] > 1200 and picks["f1:1"] > 1200
+
+
+def test_in_flight_and_reported_queue_wait_raise_the_cost():
+    a, b = endpoint("a:1", ewma=0.001), endpoint("b:1", ewma=0.001)
+    for _ in range(5):
+        a.start(0.0)
+    assert cost(a, 1, 0.0) > cost(b, 1, 0.0)
+    balancer = Balancer("p2c", random.Random(1))
+    assert all(balancer.pick([a, b]) is b for _ in range(20))
+    c = endpoint("c:1", ewma=0.001)
+    c.report(0.050, 3)
+    assert balancer.pick([b, c]) is b
+
+
+def test_cost_is_per_unit_of_work():
+    # a replica that did a 32-text call in 32 ms is as fast as one doing 1 text in 1 ms
+    big, small = endpoint("big:1"), endpoint("small:1")
+    big.observe(0.032, units=32)
+    small.observe(0.001, units=1)
+    assert big.ewma_per_unit_s == pytest.approx(small.ewma_per_unit_s)
+
+
+def test_unknown_replica_gets_the_peers_median():
+    new = endpoint("new:1")
+    old = endpoint("old:1", ewma=0.002)
+    assert cost(new, 1, 0.002) == pytest.approx(cost(old, 1, 0.002))
+
+
+def test_round_robin_and_least_request():
+    eps = [endpoint(f"e{i}:1", ewma=0.001 * (i + 1)) for i in range(3)]
+    rr = Balancer("round_robin")
+    assert [rr.pick(eps).address for _ in range(6)] == ["e0:1", "e1:1", "e2:1"] * 2
+    eps[0].start(0.0)
+    eps[1].start(0.0)
+    assert Balancer("least_request").pick(eps) is eps[2]
+    with pytest.raises(ValueError):
+        Balancer("random")
+
+
+def test_outlier_is_ejected_for_growing_times_and_share_is_capped():
+    eps = [endpoint(f"e{i}:1", ewma=0.001, samples=10) for i in range(4)]
+    eps[0].ewma_per_unit_s = 0.050
+    eps[1].ewma_per_unit_s = 0.060
+    detector = OutlierDetector(ratio=3.0, base_s=2.0, max_share=0.25)
+    ejected = detector.evaluate(eps, now=0.0)
+    assert ejected == [eps[1]], "worst first, and only 25 % of 4 replicas"
+    assert not eps[1].in_rotation(1.0) and eps[1].in_rotation(2.0)
+    # ejected again later: twice as long
+    eps[1].ewma_per_unit_s = 0.060
+    for _ in range(10):
+        eps[1].observe(0.060)
+    assert detector.evaluate(eps, now=3.0) == [eps[1]]
+    assert eps[1].ejected_until == pytest.approx(3.0 + 4.0)
+
+
+def test_a_hung_replica_is_an_outlier_before_any_call_completes():
+    eps = [endpoint(f"e{i}:1", ewma=0.001, samples=10) for i in range(3)]
+    eps[2].start(0.0)  # never finishes
+    detector = OutlierDetector(ratio=3.0)
+    assert detector.evaluate(eps, now=0.002) == []
+    assert detector.evaluate(eps, now=0.5) == [eps[2]]
+
+
+def test_two_replicas_one_may_go_one_alone_never():
+    detector = OutlierDetector(max_share=0.5)
+    assert detector.max_ejected(1) == 0
+    assert detector.max_ejected(2) == 1
+    assert detector.max_ejected(3) == 1
