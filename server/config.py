@@ -30,7 +30,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     # Hops `backbone serve` runs when none is named (the embedded default: all of them).
-    services: str = "embedding,search,rerank,generation"
+    services: str = "embedding,search,rerank,generation,pipeline"
     # Prometheus /metrics HTTP port; 0 disables it.
     metrics_port: int = 9464
     # Hard cap on one received gRPC message; larger messages get RESOURCE_EXHAUSTED from

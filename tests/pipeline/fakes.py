@@ -97,3 +97,111 @@ async def start_fake(servicers, credentials: grpc.ServerCredentials | None = Non
         port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     return FakeServer(f"127.0.0.1:{port}", server)
+
+
+# ----------------------------------------------------------------- the other fake hops
+
+import asyncio  # noqa: E402
+
+from backbone.v1 import generation_service_pb2 as gen_pb  # noqa: E402
+from backbone.v1 import generation_service_pb2_grpc as gen_grpc  # noqa: E402
+from backbone.v1 import rerank_service_pb2 as rr_pb  # noqa: E402
+from backbone.v1 import rerank_service_pb2_grpc as rr_grpc  # noqa: E402
+from backbone.v1 import vector_search_service_pb2 as vs_pb  # noqa: E402
+from backbone.v1 import vector_search_service_pb2_grpc as vs_grpc  # noqa: E402
+
+
+@dataclass
+class HopScript:
+    """What the fake search, rerank and generation hops saw and how they behave."""
+
+    searches: list[vs_pb.SearchRequest] = field(default_factory=list)
+    reranks: list[rr_pb.RerankRequest] = field(default_factory=list)
+    generations: list[gen_pb.GenerateRequest] = field(default_factory=list)
+    counts: int = 0
+    rerank_failure: tuple[grpc.StatusCode, str, float | None] | None = None
+    rerank_delay_s: float = 0.0
+    max_context_tokens: int = 2048
+    answer: tuple[str, ...] = ("Green tea ", "is unoxidised ", "[1].")
+
+
+def passage(i: int) -> str:
+    """The fake corpus's i-th passage (about 20 words)."""
+    return f"passage {i}: " + " ".join(f"word{i}x{j}" for j in range(20))
+
+
+class FakeSearch(vs_grpc.VectorSearchServiceServicer):
+    """Answers top_k hits p0, p1, ... with falling scores and their payloads."""
+
+    def __init__(self, script: HopScript) -> None:
+        self.script = script
+
+    async def Search(self, request, context):  # noqa: N802
+        self.script.searches.append(request)
+        hits = [
+            vs_pb.Hit(id=f"p{i}", score=1.0 - i / 100, payload=vs_pb.Payload(text=passage(i)))
+            for i in range(request.top_k)
+        ]
+        for i, hit in enumerate(hits):
+            hit.payload.metadata.update({"rank": i, "source": "fake"})
+        return vs_pb.SearchResponse(hits=hits, timings=[{"hop": "search", "total_us": 50}])
+
+
+class FakeRerank(rr_grpc.RerankServiceServicer):
+    """Reverses the order (a scripted, visible reordering)."""
+
+    def __init__(self, script: HopScript) -> None:
+        self.script = script
+
+    async def Rerank(self, request, context):  # noqa: N802
+        self.script.reranks.append(request)
+        if self.script.rerank_failure is not None:
+            code, reason, retry_s = self.script.rerank_failure
+            await abort_rich(context, code, reason, retry_s)
+        await asyncio.sleep(self.script.rerank_delay_s)
+        n = len(request.documents)
+        order = list(reversed(range(n)))[: request.top_n or n]
+        return rr_pb.RerankResponse(
+            results=[rr_pb.RerankResult(index=i, score=float(i)) for i in order],
+            timings=[{"hop": "rerank", "total_us": 100, "batch_size": n}],
+        )
+
+
+def count_tokens(messages) -> int:
+    """The fake tokenizer: words plus 4 per message (the chat template)."""
+    return sum(len(m.content.split()) + 4 for m in messages)
+
+
+class FakeGeneration(gen_grpc.GenerationServiceServicer):
+    """Streams the scripted answer; "auto" reports a routed model name."""
+
+    def __init__(self, script: HopScript) -> None:
+        self.script = script
+
+    async def Generate(self, request, context):  # noqa: N802
+        self.script.generations.append(request)
+        for piece in self.script.answer:
+            yield gen_pb.GenerateResponse(delta=gen_pb.GenerateDelta(text=piece, token_ids=[1]))
+        model = "fake-small" if request.model == "auto" else (request.model or "fake-default")
+        yield gen_pb.GenerateResponse(final=gen_pb.GenerateFinal(
+            finish_reason=gen_pb.FINISH_REASON_STOP,
+            usage={"prompt_tokens": count_tokens(request.messages),
+                   "completion_tokens": len(self.script.answer)},
+            timings=[{"hop": "generate", "total_us": 300}], model=model,
+        ))
+
+    async def CountTokens(self, request, context):  # noqa: N802
+        self.script.counts += 1
+        return gen_pb.CountTokensResponse(
+            tokens=count_tokens(request.messages), max_context_tokens=self.script.max_context_tokens
+        )
+
+
+async def start_fake_hops(embed: EmbedScript, hops: HopScript) -> FakeServer:
+    """One fake server with all four hops."""
+    return await start_fake([
+        (emb_grpc.add_EmbeddingServiceServicer_to_server, FakeEmbedding(embed)),
+        (vs_grpc.add_VectorSearchServiceServicer_to_server, FakeSearch(hops)),
+        (rr_grpc.add_RerankServiceServicer_to_server, FakeRerank(hops)),
+        (gen_grpc.add_GenerationServiceServicer_to_server, FakeGeneration(hops)),
+    ])
