@@ -37,12 +37,14 @@ HOP_FACTORIES: dict[str, str] = {
     "search": "server.servicers.search:SearchHop",
     "rerank": "server.servicers.rerank:RerankHop",
     "generation": "server.servicers.generation:GenerationHop",
+    "pipeline": "server.servicers.pipeline:PipelineHop",
     # The front door of a split deployment: forwards the four hops' services to their
     # replicas (config [router]); not part of the embedded default.
     "router": "server.router.hop:RouterHop",
 }
-# The embedded default serves these, in this order (search needs embedding in-process).
-DEFAULT_HOPS: tuple[str, ...] = ("embedding", "search", "rerank", "generation")
+# The embedded default serves these, in this order (search needs embedding in-process,
+# the pipeline calls the four before it).
+DEFAULT_HOPS: tuple[str, ...] = ("embedding", "search", "rerank", "generation", "pipeline")
 
 # Every service of the contract, for reflection and UNIMPLEMENTED placeholders.
 CONTRACT_MODULES = (

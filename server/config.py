@@ -32,7 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     # Hops `backbone serve` runs when none is named (the embedded default: all of them).
-    services: str = "embedding,search,rerank,generation"
+    services: str = "embedding,search,rerank,generation,pipeline"
     # Prometheus /metrics HTTP port; 0 disables it.
     metrics_port: int = 9464
     # Hard cap on one received gRPC message; larger messages get RESOURCE_EXHAUSTED from
@@ -343,6 +343,34 @@ def router_upstreams(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """How a hop reaches the hops it calls (search -> embedding, pipeline -> all four).
+
+    An empty address means in-process: the hop must run in this process (the embedded
+    default). Over gRPC the channel uses TLS when this process serves TLS
+    (``server.tls_cert``) or ``tls_ca`` is set, verifying upstreams with ``tls_ca``, else
+    ``server.tls_client_ca``, else the system roots; in an mTLS deployment
+    (``server.tls_client_ca`` set) the process presents its own certificate. Calls carry
+    ``server.auth_token`` and what is left of the caller's deadline minus ``reserve_ms``.
+    """
+
+    # host:port (or any gRPC target) per hop; empty: in-process. For embedding,
+    # search.embedding_address is read when this one is empty.
+    embedding_address: str = ""
+    search_address: str = ""
+    rerank_address: str = ""
+    generation_address: str = ""
+    # PEM bundle of the CAs that verify upstream servers (empty: see above).
+    tls_ca: str = ""
+    # Name expected in upstream certificates instead of the address's host.
+    tls_server_name: str = ""
+    # Kept back from the caller's remaining deadline for the answer's way back, in ms.
+    reserve_ms: float = 5.0
+    # Timeout of an upstream call made for a caller that set no deadline, in seconds.
+    default_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration of one process."""
 
@@ -352,9 +380,8 @@ class Config:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-
-
     router: RouterConfig = field(default_factory=RouterConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
 
 
 class ConfigError(ValueError):

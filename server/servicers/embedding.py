@@ -174,10 +174,12 @@ class EmbeddingHop:
         """Longest input in tokens."""
         return self._require_embedder().max_seq_length
 
-    async def embed_texts(self, texts: list[str], *, normalize: bool = False) -> np.ndarray:
+    async def embed_texts(
+        self, texts: list[str], *, normalize: bool = False, deadline: float | None = None
+    ) -> np.ndarray:
         """Vectors (n, dimension) for ``texts`` through the batcher; limits checked."""
         check_inputs(texts, self._limits)
-        return (await self.embed(texts, EmbedOptions(normalize=normalize))).vectors
+        return (await self.embed(texts, EmbedOptions(normalize=normalize), deadline)).vectors
 
     async def embed(
         self, texts: list[str], options: EmbedOptions, deadline: float | None = None,

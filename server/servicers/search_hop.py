@@ -4,7 +4,7 @@ Plain Python over domain types: the servicer (``search.py``) converts wire messa
 pass (``search_convert``) and makes one call here; this module never sees protobuf
 requests. Blocking index calls run in a thread pool (searches concurrently; writes and
 snapshots in one writer thread, since a collection serialises them anyway). Text queries
-are embedded by the embedding hop (``search_embedding``).
+are embedded by the embedding hop (through ``server.upstream``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,7 @@ from server.calls import hop_timing
 from server.config import Config, SearchConfig
 from server.errors import InvalidArgument, Unavailable
 from server.hop import HopContext
-from server.servicers.search_embedding import (
-    LocalEmbedding,
-    RemoteEmbedding,
-    bundled_model_path,
-)
+from server.upstream import Upstreams, timing_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ class SearchCore:
         self._writer: ThreadPoolExecutor | None = None
         self._snapshotter: asyncio.Task | None = None
         self._dense: DynamicBatcher[tuple[Collection, SearchQuery], list[Hit]] | None = None
-        self._remote: RemoteEmbedding | None = None
+        self._upstreams: Upstreams | None = None
         self._chunker: TokenChunker | None = None
         self._chunker_lock = asyncio.Lock()
 
@@ -108,8 +104,8 @@ class SearchCore:
             await self._dense.stop()
         if self.manager is not None:
             await self.write(self.manager.close)
-        if self._remote is not None:
-            await self._remote.close()
+        if self._upstreams is not None:
+            await self._upstreams.close()
         for pool in (self._readers, self._writer):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -155,24 +151,13 @@ class SearchCore:
         except CollectionClosed as closed:
             raise collection_not_found(str(closed)) from None
 
-    def embedding(self) -> LocalEmbedding | RemoteEmbedding:
-        """The embedding hop: in-process when present, else the configured address."""
+    def embedding(self) -> Any:
+        """The embedding hop through the one upstream path (``server.upstream``):
+        in-process when present, else the configured address."""
         assert self._ctx is not None
-        local = self._ctx.local.get("embedding")
-        if local is not None:
-            return LocalEmbedding(local)
-        if self.cfg.embedding_address:
-            if self._remote is None:
-                self._remote = RemoteEmbedding(
-                    self.cfg.embedding_address,
-                    self._ctx.config.server.auth_token,
-                    bundled_model_path(self._ctx.config),
-                )
-            return self._remote
-        raise Unavailable(
-            "text queries need the embedding hop: run it in this process or set "
-            "search.embedding_address"
-        )
+        if self._upstreams is None:
+            self._upstreams = Upstreams(self._ctx)
+        return self._upstreams.embedding
 
     async def chunker(self, model_path: str) -> TokenChunker:
         """The token chunker of the embedding model (loaded once)."""
@@ -208,7 +193,7 @@ class SearchCore:
         settings = resolve_settings(chunk_tokens, overlap_tokens, chunker.max_tokens)
 
         async def embed(texts: list[str]) -> np.ndarray:
-            vectors, _ = await embedder.embed(texts)
+            vectors = (await embedder.embed(texts)).vectors
             _check_embedding_dimension(vectors.shape[1], collection)
             return vectors
 
@@ -240,8 +225,9 @@ class SearchCore:
             for i in needs_vector:
                 _check_embedding_dimension(embedder.dimension, prepared[i][0])
             texts = [prepared[i][1].text for i in needs_vector]
-            vectors, embed_timing = await embedder.embed(texts)
-            timings.append(embed_timing)
+            embedded = await embedder.embed(texts, deadline=deadline)
+            vectors = embedded.vectors
+            timings.append(timing_to_proto(embedded.timing))
             for row, i in enumerate(needs_vector):
                 collection, query = prepared[i]
                 _check_embedding_dimension(vectors.shape[1], collection)

@@ -28,7 +28,7 @@ from backbone.v1 import vector_search_service_pb2 as backbone_dot_v1_dot_vector_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"backbone/v1/pipeline_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\x1a$backbone/v1/generation_service.proto\x1a\'backbone/v1/vector_search_service.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x14\n\x0csearch_top_k\x18\x03 \x01(\r\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0bskip_rerank\x18\x05 \x01(\x08\x12#\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x13.backbone.v1.Filter\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.backbone.v1.SearchMode\"y\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0csearch_score\x18\x03 \x01(\x02\x12\x14\n\x0crerank_score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x10RetrieveResponse\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\x12\'\n\x07timings\x18\x02 \x03(\x0b\x32\x16.backbone.v1.HopTiming\"\x94\x01\n\rAnswerRequest\x12.\n\x08retrieve\x18\x01 \x01(\x0b\x32\x1c.backbone.v1.RetrieveRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\"5\n\rAnswerSources\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\"\x9a\x01\n\x0b\x41nswerFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x04 \x01(\t\"\xa0\x01\n\x0e\x41nswerResponse\x12-\n\x07sources\x18\x01 \x01(\x0b\x32\x1a.backbone.v1.AnswerSourcesH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.backbone.v1.AnswerFinalH\x00\x42\x07\n\x05\x65vent2\x9f\x01\n\x0fPipelineService\x12G\n\x08Retrieve\x12\x1c.backbone.v1.RetrieveRequest\x1a\x1d.backbone.v1.RetrieveResponse\x12\x43\n\x06\x41nswer\x12\x1a.backbone.v1.AnswerRequest\x1a\x1b.backbone.v1.AnswerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"backbone/v1/pipeline_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\x1a$backbone/v1/generation_service.proto\x1a\'backbone/v1/vector_search_service.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x14\n\x0csearch_top_k\x18\x03 \x01(\r\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0bskip_rerank\x18\x05 \x01(\x08\x12#\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x13.backbone.v1.Filter\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.backbone.v1.SearchMode\"y\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0csearch_score\x18\x03 \x01(\x02\x12\x14\n\x0crerank_score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"w\n\x10RetrieveResponse\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\x12\'\n\x07timings\x18\x02 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\x14\n\x0c\x64\x65gradations\x18\x03 \x03(\t\"\xd3\x01\n\rAnswerRequest\x12.\n\x08retrieve\x18\x01 \x01(\x0b\x32\x1c.backbone.v1.RetrieveRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12)\n\x07history\x18\x05 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\x12\x12\n\nskip_cache\x18\x06 \x01(\x08\"5\n\rAnswerSources\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\"\xd9\x01\n\x0b\x41nswerFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65gradations\x18\x05 \x03(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x14\n\x0csources_used\x18\x07 \x01(\r\"\xa0\x01\n\x0e\x41nswerResponse\x12-\n\x07sources\x18\x01 \x01(\x0b\x32\x1a.backbone.v1.AnswerSourcesH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.backbone.v1.AnswerFinalH\x00\x42\x07\n\x05\x65vent2\x9f\x01\n\x0fPipelineService\x12G\n\x08Retrieve\x12\x1c.backbone.v1.RetrieveRequest\x1a\x1d.backbone.v1.RetrieveResponse\x12\x43\n\x06\x41nswer\x12\x1a.backbone.v1.AnswerRequest\x1a\x1b.backbone.v1.AnswerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOURCE']._serialized_start=375
   _globals['_SOURCE']._serialized_end=496
   _globals['_RETRIEVERESPONSE']._serialized_start=498
-  _globals['_RETRIEVERESPONSE']._serialized_end=595
-  _globals['_ANSWERREQUEST']._serialized_start=598
-  _globals['_ANSWERREQUEST']._serialized_end=746
-  _globals['_ANSWERSOURCES']._serialized_start=748
-  _globals['_ANSWERSOURCES']._serialized_end=801
-  _globals['_ANSWERFINAL']._serialized_start=804
-  _globals['_ANSWERFINAL']._serialized_end=958
-  _globals['_ANSWERRESPONSE']._serialized_start=961
-  _globals['_ANSWERRESPONSE']._serialized_end=1121
-  _globals['_PIPELINESERVICE']._serialized_start=1124
-  _globals['_PIPELINESERVICE']._serialized_end=1283
+  _globals['_RETRIEVERESPONSE']._serialized_end=617
+  _globals['_ANSWERREQUEST']._serialized_start=620
+  _globals['_ANSWERREQUEST']._serialized_end=831
+  _globals['_ANSWERSOURCES']._serialized_start=833
+  _globals['_ANSWERSOURCES']._serialized_end=886
+  _globals['_ANSWERFINAL']._serialized_start=889
+  _globals['_ANSWERFINAL']._serialized_end=1106
+  _globals['_ANSWERRESPONSE']._serialized_start=1109
+  _globals['_ANSWERRESPONSE']._serialized_end=1269
+  _globals['_PIPELINESERVICE']._serialized_start=1272
+  _globals['_PIPELINESERVICE']._serialized_end=1431
 # @@protoc_insertion_point(module_scope)

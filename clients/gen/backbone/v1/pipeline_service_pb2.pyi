@@ -43,24 +43,30 @@ class Source(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., search_score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("sources", "timings")
+    __slots__ = ("sources", "timings", "degradations")
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
     sources: _containers.RepeatedCompositeFieldContainer[Source]
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopTiming]
-    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ...) -> None: ...
+    degradations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., degradations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("retrieve", "model", "sampling", "system_prompt")
+    __slots__ = ("retrieve", "model", "sampling", "system_prompt", "history", "skip_cache")
     RETRIEVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     retrieve: RetrieveRequest
     model: str
     sampling: _generation_service_pb2.SamplingParams
     system_prompt: str
-    def __init__(self, retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_service_pb2.SamplingParams, _Mapping]] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[_generation_service_pb2.ChatMessage]
+    skip_cache: bool
+    def __init__(self, retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_service_pb2.SamplingParams, _Mapping]] = ..., system_prompt: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_generation_service_pb2.ChatMessage, _Mapping]]] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class AnswerSources(_message.Message):
     __slots__ = ("sources",)
@@ -69,16 +75,22 @@ class AnswerSources(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
 
 class AnswerFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "model")
+    __slots__ = ("finish_reason", "usage", "timings", "model", "degradations", "cache_hit", "sources_used")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_USED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _generation_service_pb2.FinishReason
     usage: _common_pb2.Usage
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopTiming]
     model: str
-    def __init__(self, finish_reason: _Optional[_Union[_generation_service_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
+    degradations: _containers.RepeatedScalarFieldContainer[str]
+    cache_hit: bool
+    sources_used: int
+    def __init__(self, finish_reason: _Optional[_Union[_generation_service_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., model: _Optional[str] = ..., degradations: _Optional[_Iterable[str]] = ..., cache_hit: _Optional[bool] = ..., sources_used: _Optional[int] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
     __slots__ = ("sources", "delta", "final")

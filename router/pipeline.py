@@ -1,0 +1,247 @@
+"""The retrieval-augmented pipeline's policy: Retrieve and Answer over ``Upstream`` hops.
+
+Retrieve: embed the query (dense mode; keyword and hybrid queries go to search as text),
+search ``search_top_k`` candidates with the filter, rerank them to ``top_n`` (unless
+skipped, or the deadline budget skips it), and return sources carrying both scores and
+the point metadata. Answer: Retrieve, pack the sources into the model's context window
+(``router.prompt_packing``), then stream generation: the sources first, the deltas, and a
+final event with the finish reason, usage, every hop's timing, the model that ran and
+every degradation. ``model`` passes through untouched (``auto`` is the generation hop's
+complexity routing; the final reports the model it chose).
+
+Calls go through ``router.hop_api.Upstream`` only (in-process or gRPC: the same code);
+the deadline budget is ``router.budget``. No grpc imports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from router import budget
+from router.deadlines import remaining_s
+from router.errors import InvalidArgument
+from router.hop_api import (
+    DENSE,
+    HYBRID,
+    KEYWORD,
+    Delta,
+    Finished,
+    GenerateCall,
+    HopTime,
+    SearchCall,
+    Upstream,
+)
+from router.prompt_packing import DEFAULT_SYSTEM_PROMPT, pack
+
+MAX_QUERY_CHARS = 8192
+DEFAULT_SEARCH_TOP_K = 50
+DEFAULT_TOP_N = 5
+MAX_SEARCH_TOP_K = 1000
+#: Output tokens kept free in the window when the request sets no max_tokens.
+DEFAULT_ANSWER_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class RetrieveSpec:
+    """A validated Retrieve request (``filter``/``params`` are wire values passed through)."""
+
+    query: str
+    collection: str
+    search_top_k: int = DEFAULT_SEARCH_TOP_K
+    top_n: int = DEFAULT_TOP_N
+    skip_rerank: bool = False
+    mode: str = DENSE
+    filter: Any = None
+
+
+@dataclass(frozen=True)
+class AnswerSpec:
+    """A validated Answer request; ``sampling`` is the wire value, passed through."""
+
+    retrieve: RetrieveSpec
+    model: str = ""
+    sampling: Any = None
+    max_tokens: int | None = None
+    system_prompt: str = ""
+    history: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved passage with both scores (rerank 0 when not reranked)."""
+
+    id: str
+    text: str
+    search_score: float
+    rerank_score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Retrieved:
+    """Sources best first, the hops' timings ("pipeline" last), the degradations."""
+
+    sources: list[Source]
+    timings: list[HopTime]
+    degradations: list[str]
+
+
+@dataclass(frozen=True)
+class AnswerFinal:
+    """The end of an Answer stream."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    timings: list[HopTime]
+    degradations: list[str]
+    sources_used: int
+    cache_hit: bool = False
+
+
+def retrieve_spec(
+    query: str, collection: str, search_top_k: int, top_n: int, skip_rerank: bool,
+    mode: str, filter: Any,
+) -> RetrieveSpec:
+    """Validate and default a Retrieve request (0 means "the default")."""
+    if not query.strip():
+        raise InvalidArgument("query is empty", reason="EMPTY_INPUT")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InvalidArgument(
+            f"query exceeds {MAX_QUERY_CHARS} characters", reason="INPUT_TOO_LARGE",
+            metadata={"limit": MAX_QUERY_CHARS},
+        )
+    if not collection:
+        raise InvalidArgument("collection is empty", reason="EMPTY_INPUT")
+    k = search_top_k or DEFAULT_SEARCH_TOP_K
+    if not 1 <= k <= MAX_SEARCH_TOP_K:
+        raise InvalidArgument(
+            f"search_top_k must be 1-{MAX_SEARCH_TOP_K}", reason="INVALID_TOP_K",
+            metadata={"limit": MAX_SEARCH_TOP_K},
+        )
+    n = top_n or min(DEFAULT_TOP_N, k)
+    if not 1 <= n <= k:
+        raise InvalidArgument(
+            "top_n must be 1-search_top_k", reason="INVALID_TOP_K", metadata={"limit": k}
+        )
+    if mode not in (DENSE, KEYWORD, HYBRID):
+        raise InvalidArgument(f"unknown mode {mode!r}", metadata={"field": "mode"})
+    return RetrieveSpec(query, collection, k, n, skip_rerank, mode, filter)
+
+
+class Pipeline:
+    """Retrieve and Answer over the four hops, within each request's deadline."""
+
+    def __init__(
+        self, upstream: Upstream, latency: budget.LatencyModel | None = None,
+        default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    ) -> None:
+        self.upstream = upstream
+        self.latency = latency or budget.LatencyModel()
+        self.default_system_prompt = default_system_prompt
+
+    async def retrieve(
+        self, spec: RetrieveSpec, deadline: float | None, *, answering: bool = False
+    ) -> Retrieved:
+        """Embed, search, rerank (see the module doc)."""
+        began = time.perf_counter()
+        plan = budget.make_plan(
+            self.latency, remaining_s(deadline), rerank=not spec.skip_rerank,
+            search_top_k=spec.search_top_k, top_n=spec.top_n, generate=answering,
+            embed=spec.mode == DENSE,
+        )
+        timings: list[HopTime] = []
+        vector = None
+        if spec.mode == DENSE:
+            t0 = time.perf_counter()
+            embedded = await self.upstream.embed([spec.query], deadline=deadline)
+            self.latency.observe("embed", time.perf_counter() - t0)
+            vector = embedded.vectors[0]
+            timings.append(embedded.timing)
+        call = SearchCall(
+            spec.collection, plan.search_top_k, spec.mode,
+            text="" if vector is not None else spec.query, vector=vector, filter=spec.filter,
+        )
+        t0 = time.perf_counter()
+        searched = await self.upstream.search(call, deadline=deadline)
+        self.latency.observe("search", time.perf_counter() - t0)
+        timings.extend(searched.timings)
+        hits = searched.hits
+        rerank = plan.rerank and len(hits) > 0
+        if rerank and not budget.fits(self.latency, "rerank", remaining_s(deadline), len(hits)):
+            rerank = False  # never start a hop that cannot finish
+            plan.degradations.append("rerank_skipped: deadline")
+        if rerank:
+            t0 = time.perf_counter()
+            ranked = await self.upstream.rerank(
+                spec.query, [h.text for h in hits], spec.top_n, deadline=deadline
+            )
+            self.latency.observe("rerank", time.perf_counter() - t0, len(hits))
+            timings.append(ranked.timing)
+            sources = [
+                Source(hits[r.index].id, hits[r.index].text, hits[r.index].score, r.score,
+                       hits[r.index].metadata)
+                for r in ranked.results
+            ]
+        else:
+            sources = [Source(h.id, h.text, h.score, 0.0, h.metadata) for h in hits[: spec.top_n]]
+        timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
+        return Retrieved(sources, timings, plan.degradations)
+
+    async def answer(
+        self, spec: AnswerSpec, deadline: float | None
+    ) -> AsyncIterator[list[Source] | Delta | AnswerFinal]:
+        """The Answer stream: the sources, deltas, one ``AnswerFinal``."""
+        began = time.perf_counter()
+        retrieved = await self.retrieve(spec.retrieve, deadline, answering=True)
+        yield retrieved.sources
+        timings = [t for t in retrieved.timings if t.hop != "pipeline"]
+        degradations = list(retrieved.degradations)
+        model = spec.model
+        # Under "auto" the prompt is counted with the default model's tokenizer (the
+        # generation hop picks the model later); a named model counts with its own.
+        counting = "" if model == "auto" else model
+
+        async def count(messages) -> int:
+            out = await self.upstream.count_tokens(counting, messages, deadline=deadline)
+            return out.tokens
+
+        probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+        reserve = spec.max_tokens or DEFAULT_ANSWER_TOKENS
+        window = max(0, probe.max_context_tokens - reserve)
+        packed = await pack(
+            count, system_prompt=spec.system_prompt or self.default_system_prompt,
+            sources=[s.text for s in retrieved.sources], history=spec.history,
+            question=spec.retrieve.query, window=window,
+        )
+        dropped = len(retrieved.sources) - packed.sources_used
+        if packed.truncated:
+            degradations.append(f"sources_truncated: {','.join(map(str, packed.truncated))}")
+        if dropped:
+            degradations.append(f"sources_dropped: {dropped}")
+        t0 = time.perf_counter()
+        final: Finished | None = None
+        stream = self.upstream.generate(
+            GenerateCall(model, packed.messages, spec.sampling), deadline=deadline
+        )
+        try:
+            async for event in stream:
+                if isinstance(event, Delta):
+                    yield event
+                else:
+                    final = event
+        finally:
+            await stream.aclose()
+        self.latency.observe("generate", time.perf_counter() - t0)
+        assert final is not None, "a generation stream ends with a final event"
+        timings.append(final.timing)
+        timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
+        yield AnswerFinal(
+            final.finish_reason, final.prompt_tokens, final.completion_tokens, final.model,
+            timings, degradations, packed.sources_used,
+        )
+
