@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "BACKBONE_"
-SECRET_FIELDS = frozenset({"auth_token"})
+SECRET_FIELDS = frozenset({"auth_token", "milvus_token", "milvus_password"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ServerConfig:
 
 
 EMBEDDING_ENGINES = ("onnx", "torch")
+SEARCH_BACKENDS = ("faiss", "milvus")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,19 @@ class SearchConfig:
     search_batch_wait_ms: float = 0.5
     # Dense queries waiting for the index at most; beyond, RESOURCE_EXHAUSTED/OVERLOADED.
     max_search_queue: int = 4096
+    # Vector store: "faiss" (embedded, collections under data_dir; the default) or
+    # "milvus" (a Milvus server at milvus_uri; see retrieval/milvus_store.py for what it
+    # does not offer). SEARCH_BACKENDS lists the choices.
+    backend: str = "faiss"
+    # Milvus: server URI (http://host:19530), credentials (a token, or user + password),
+    # database, the prefix of the Milvus collections this hop owns, and the per-call timeout.
+    milvus_uri: str = ""
+    milvus_token: str = ""
+    milvus_user: str = ""
+    milvus_password: str = ""
+    milvus_db_name: str = ""
+    milvus_collection_prefix: str = "backbone_"
+    milvus_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +337,13 @@ def _validate(config: Config) -> None:
         )
     if e.lanes < 0:
         raise ConfigError(f"embedding.lanes {e.lanes} must be >= 0")
+    q = config.search
+    if q.backend not in SEARCH_BACKENDS:
+        raise ConfigError(
+            f"search.backend {q.backend!r} is not one of {', '.join(SEARCH_BACKENDS)}"
+        )
+    if q.backend == "milvus" and not q.milvus_uri:
+        raise ConfigError("search.backend = \"milvus\" needs search.milvus_uri")
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:

@@ -35,7 +35,8 @@ from retrieval import filters
 from retrieval.chunking import TokenChunker, resolve_settings
 from retrieval.collection import Collection, CollectionClosed
 from retrieval.ingest import Document, Ingestor
-from retrieval.manager import CollectionManager, collection_not_found
+from retrieval.backends import CollectionStore, open_store
+from retrieval.manager import collection_not_found
 from retrieval.types import (
     MAX_CANDIDATES,
     MAX_EF_SEARCH,
@@ -347,7 +348,7 @@ class SearchHop:
     service_names = ("backbone.v1.VectorSearchService",)
 
     def __init__(self) -> None:
-        self.manager: CollectionManager | None = None
+        self.manager: CollectionStore | None = None
         self._config: Config | None = None
         self._ctx: HopContext | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -370,7 +371,7 @@ class SearchHop:
         self._writer = ThreadPoolExecutor(
             1, "search-write", initializer=_init_worker, initargs=(cfg.faiss_build_threads,)
         )
-        manager = CollectionManager(cfg.data_dir, durable=cfg.durable)
+        manager = open_store(cfg)  # [search] backend: FAISS on disk or Milvus
         await self.write(manager.load)
         await self.read(_probe_faiss)
         self.manager = manager
