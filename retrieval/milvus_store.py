@@ -347,9 +347,12 @@ class MilvusCollection:
             self.check_filter_fields(query.conditions)
         groups: dict[Any, list[int]] = {}
         for i, query in enumerate(queries):
-            groups.setdefault((query.conditions, query.k, query.params.ef_search), []).append(i)
+            # repr: Equals(f, True) == Equals(f, 1.0) in Python, yet they differ here.
+            key = (repr(query.conditions), query.k, query.params.ef_search)
+            groups.setdefault(key, []).append(i)
         results: list[list[Hit]] = [[] for _ in queries]
-        for (conditions, k, ef), members in groups.items():
+        for (_, k, ef), members in groups.items():
+            conditions = queries[members[0]].conditions
             vectors = self._vectors(np.stack([queries[i].vector for i in members]))
             fields = ["id"]
             if any(queries[i].with_payload for i in members):
