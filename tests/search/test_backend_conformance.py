@@ -10,6 +10,8 @@ backend, so both are held to the same reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 
 import grpc
@@ -22,7 +24,7 @@ from backbone.v1 import vector_search_service_pb2 as pb
 from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
 from perf.milvus_lite_server import milvus_lite
 from server.servicers.search import SearchHop
-from tests.conftest import running
+from tests.conftest import make_config, running
 from tests.search.conftest import expect_error, search_config
 
 BACKENDS = ["faiss", "milvus"]
@@ -344,3 +346,59 @@ async def test_concurrent_searches_and_writes(stub):
                 for q in data[:32]]
     results = await asyncio.gather(writes, *searches)
     assert results[0] == 100 and all(len(r.hits) == 5 for r in results[1:])
+
+
+# ------------------------------------------------------------------ the commands on Milvus
+
+
+@pytest.mark.slow
+async def test_ingest_and_search_commands_on_milvus(minilm, tmp_path, request, capsys):
+    async with contextlib.AsyncExitStack() as stack:
+        await _ingest_and_search(stack, minilm, tmp_path, request, capsys)
+
+
+async def _ingest_and_search(stack, minilm, tmp_path, request, capsys):
+    from clients import cli
+    from server.servicers.embedding import EmbeddingHop
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "volcano.md").write_text("# Volcanoes\n\nA volcano is a rupture in the crust of a planet.")
+    (docs / "more.jsonl").write_text(
+        '{"_id": "d1", "text": "Penguins are flightless birds.", "metadata": {"lang": "en"}}\n'
+        '{"_id": "d2", "text": "Glaciers are slow rivers of ice.", "metadata": {"lang": "de"}}\n'
+    )
+    # Split as on a cluster: the embedding hop in its own server, search over Milvus.
+    embed_server = await stack.enter_async_context(running(make_config(), [EmbeddingHop(embedder=minilm)]))
+    config = store_config("milvus", tmp_path, request, embedding_address=embed_server.address)
+    async with running(config, [SearchHop()]) as server:
+        address = ["--address", server.address]
+        code = await asyncio.to_thread(
+            cli.main, ["ingest", str(docs), "--collection", "cli", "--create", "--quiet", *address]
+        )
+        out = capsys.readouterr().out
+        assert code == 0 and "ingested 3 documents" in out and "3 chunks" in out
+        code = await asyncio.to_thread(
+            cli.main, ["search", "birds that cannot fly", "--collection", "cli", "--top-k", "2", *address]
+        )
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert code == 0 and len(lines) == 2 and "d1#0" in lines[0] and "Penguins" in lines[0]
+        code = await asyncio.to_thread(
+            cli.main, ["search", "ice", "--collection", "cli", "--eq", "lang=de", "--json", *address]
+        )
+        out = capsys.readouterr().out.strip().splitlines()
+        assert code == 0 and [json.loads(line)["id"] for line in out] == ["d2#0"]
+        code = await asyncio.to_thread(
+            cli.main, ["search", "ice", "--collection", "cli", "--mode", "hybrid", *address]
+        )
+        assert code == 1 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    # The points live in Milvus: a second hop (fresh data_dir, same Milvus) still finds them.
+    config = store_config("milvus", tmp_path / "other", request,
+                          milvus_collection_prefix=config.search.milvus_collection_prefix,
+                          embedding_address=embed_server.address)
+    async with running(config, [SearchHop()]) as server:
+        code = await asyncio.to_thread(
+            cli.main, ["search", "volcano", "--collection", "cli", "--top-k", "1",
+                       "--address", server.address]
+        )
+        assert code == 0 and "volcano" in capsys.readouterr().out.lower()
