@@ -289,9 +289,12 @@ class Collection:
             if query.mode is SearchMode.HYBRID:
                 k = max(query.params.candidates or DEFAULT_CANDIDATES, query.k)
             p = query.params
-            groups.setdefault((query.conditions, k, p.nprobe, p.ef_search), []).append(i)
+            # repr, not the tuple: Equals(f, True) == Equals(f, 1.0) in Python, but they
+            # are different filters (booleans are not numbers).
+            groups.setdefault((repr(query.conditions), k, p.nprobe, p.ef_search), []).append(i)
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for (conditions, k, nprobe, ef), members in groups.items():
+        for (_, k, nprobe, ef), members in groups.items():
+            conditions = queries[members[0]].conditions
             vectors = np.stack([queries[i].vector for i in members]).astype(np.float32)
             if self.spec.metric is Metric.COSINE:
                 vectors = normalize_rows(vectors)

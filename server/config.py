@@ -22,7 +22,7 @@ from typing import Any
 from server.engines import registry
 
 ENV_PREFIX = "BACKBONE_"
-SECRET_FIELDS = frozenset({"auth_token"})
+SECRET_FIELDS = frozenset({"auth_token", "milvus_token", "milvus_password"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class ServerConfig:
     # Log prompts, documents and tokens. Off by default.
     log_payloads: bool = False
     log_level: str = "INFO"
+
+
+SEARCH_BACKENDS = ("faiss", "milvus")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,19 @@ class SearchConfig:
     max_queue_delay_ms: float = 2000.0
     # Deadline of a search that sets none, in milliseconds.
     default_deadline_ms: float = 10000.0
+    # Vector store: "faiss" (embedded, collections under data_dir; the default) or
+    # "milvus" (a Milvus server at milvus_uri; see retrieval/milvus_store.py for what it
+    # does not offer). SEARCH_BACKENDS lists the choices.
+    backend: str = "faiss"
+    # Milvus: server URI (http://host:19530), credentials (a token, or user + password),
+    # database, the prefix of the Milvus collections this hop owns, and the per-call timeout.
+    milvus_uri: str = ""
+    milvus_token: str = ""
+    milvus_user: str = ""
+    milvus_password: str = ""
+    milvus_db_name: str = ""
+    milvus_collection_prefix: str = "backbone_"
+    milvus_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -511,6 +527,13 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"{name}.max_queue_delay_ms must be >= 0 and {name}.default_deadline_ms > 0"
             )
+    q = config.search
+    if q.backend not in SEARCH_BACKENDS:
+        raise ConfigError(
+            f"search.backend {q.backend!r} is not one of {', '.join(SEARCH_BACKENDS)}"
+        )
+    if q.backend == "milvus" and not q.milvus_uri:
+        raise ConfigError("search.backend = \"milvus\" needs search.milvus_uri")
     _validate_routing(config.routing)
     _validate_router(config.router)
 

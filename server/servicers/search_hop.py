@@ -26,7 +26,8 @@ from retrieval.collection import Collection, CollectionClosed
 from retrieval.errors import RetrievalError
 from retrieval.faiss_setup import init_worker, probe_faiss
 from retrieval.ingest import Ingestor
-from retrieval.manager import CollectionManager, collection_not_found
+from retrieval.backends import CollectionStore, open_store
+from retrieval.manager import collection_not_found
 from retrieval.types import Hit, SearchMode, SearchQuery
 from router.batcher import BatchPolicy, DynamicBatcher
 from server.calls import hop_timing
@@ -45,7 +46,7 @@ class SearchCore:
     """Collections under ``search.data_dir``, their threads, snapshots and searches."""
 
     def __init__(self) -> None:
-        self.manager: CollectionManager | None = None
+        self.manager: CollectionStore | None = None
         self._config: Config | None = None
         self._ctx: HopContext | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -68,7 +69,7 @@ class SearchCore:
         self._writer = ThreadPoolExecutor(
             1, "search-write", initializer=init_worker, initargs=(cfg.faiss_build_threads,)
         )
-        manager = CollectionManager(cfg.data_dir, durable=cfg.durable)
+        manager = open_store(cfg)  # [search] backend: FAISS on disk or Milvus
         await self.write(manager.load)
         await self.read(probe_faiss)
         self.manager = manager
