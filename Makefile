@@ -10,7 +10,7 @@ BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/backbone/v1/*.proto)
 
-.PHONY: setup serve test contract stubs check-stubs models constraints clean
+.PHONY: setup serve test contract stubs check-stubs models constraints clean kubectl
 
 setup: $(STAMP)
 
@@ -48,7 +48,11 @@ stubs: setup
 check-stubs: setup
 	bash .ci/check-stubs
 
-test: setup models contract
+# kubectl (Debian package) renders deploy/ with its built-in kustomize (tests/cluster).
+kubectl:
+	command -v kubectl >/dev/null || apt-get install -y --no-install-recommends kubectl
+
+test: setup models contract kubectl
 	$(VENV)/bin/pytest -q
 
 constraints: setup

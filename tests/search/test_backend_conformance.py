@@ -402,3 +402,24 @@ async def _ingest_and_search(stack, minilm, tmp_path, request, capsys):
                        "--address", server.address]
         )
         assert code == 0 and "volcano" in capsys.readouterr().out.lower()
+
+
+def test_milvus_store_flushes_once_writes_pause(milvus_uri):
+    import time
+
+    from retrieval.milvus_store import FLUSH_IDLE_S, MilvusStore
+    from retrieval.types import Payload, Point, make_spec
+
+    store = MilvusStore(milvus_uri, prefix=f"f{uuid.uuid4().hex[:10]}_")
+    store.load()
+    try:
+        collection = store.create(make_spec("flush", 2))
+        assert not collection.snapshot()  # nothing written yet
+        collection.upsert([Point("a", np.array([1.0, 0.0], np.float32), Payload("t"))])
+        now = time.monotonic()
+        assert store.snapshot_due(0) == []  # still writing: no flush yet
+        assert collection.flush_due(now + FLUSH_IDLE_S)
+        assert collection.snapshot() and not collection.flush_due(now + FLUSH_IDLE_S)
+        assert [p.id for p in collection.get(["a"])] == ["a"]
+    finally:
+        store.close()

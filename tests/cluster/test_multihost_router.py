@@ -1,0 +1,106 @@
+"""The router across hosts: >= 3 embedding replicas in their own namespaces, named by a
+DNS server on the test network, the router outside them
+(``python -m server.main serve router --upstream embedding=dns://DNS/embedding.test:50051``).
+
+Shows: calls spread (no host under 20 % at steady state); a host whose link goes down
+costs no idempotent call; a host that joins (DNS answers it, it turns SERVING) gets
+traffic within 5 s. Skipped until the router (server.router, helper h15) is merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from backbone.v1 import embedding_service_pb2, embedding_service_pb2_grpc
+from tests.cluster.conftest import HOP_PORT, REPO, start_fake_hop
+
+pytestmark = pytest.mark.skipif(
+    not (REPO / "server" / "router" / "__init__.py").exists(),
+    reason="server.router is not in this tree yet (the router comes from h15; "
+    "the coordinator enables this test after merging it)",
+)
+NAME = "embedding.test"
+
+
+def start_router(dns_address: str) -> tuple[subprocess.Popen, str]:
+    """The router process on 127.0.0.1:0 with the DNS-named embedding upstream."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'clients' / 'gen'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.main", "serve", "router", "--port", "0",
+         "--set", "server.metrics_port=0",
+         "--upstream", f"embedding=dns://{dns_address}:53/{NAME}:{HOP_PORT}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        if line.startswith("backbone serving on "):
+            return proc, line.split()[-1]
+    proc.kill()
+    raise RuntimeError("the router did not start")
+
+
+async def calls(stub, n: int, counts: collections.Counter, failures: list) -> None:
+    """``n`` idempotent Embed calls one after another, counting the answering replica."""
+    for _ in range(n):
+        try:
+            response = await stub.Embed(embedding_service_pb2.EmbedRequest(inputs=["x"]), timeout=5)
+            counts[int(response.embeddings[0].values[0])] += 1
+        except grpc.aio.AioRpcError as err:
+            failures.append(err.code())
+
+
+@pytest.mark.slow
+async def test_router_spreads_survives_a_host_down_and_picks_up_a_new_host(network, dns):
+    hosts = [network.add_host() for _ in range(4)]
+    procs = [start_fake_hop(h, i) for i, h in enumerate(hosts)]
+    dns.set(NAME, [h.address for h in hosts[:3]])
+    router, address = start_router(dns.address)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = embedding_service_pb2_grpc.EmbeddingServiceStub(channel)
+            warm: collections.Counter = collections.Counter()
+            await calls(stub, 60, warm, [])
+            counts: collections.Counter = collections.Counter()
+            failures: list = []
+            await asyncio.gather(*(calls(stub, 50, counts, failures) for _ in range(6)))
+            assert not failures
+            total = sum(counts.values())
+            assert set(counts) == {0, 1, 2}
+            assert all(counts[r] / total >= 0.20 for r in range(3)), counts
+
+            # Host 1 drops off the network mid-traffic: no idempotent call may fail.
+            counts, failures = collections.Counter(), []
+            traffic = asyncio.gather(*(calls(stub, 60, counts, failures) for _ in range(6)))
+            await asyncio.sleep(0.3)
+            hosts[1].link(up=False)
+            dns.set(NAME, [hosts[0].address, hosts[2].address])
+            await traffic
+            assert failures == [], failures
+
+            # Host 3 joins: DNS names it and it already serves; traffic within 5 s.
+            dns.set(NAME, [hosts[0].address, hosts[2].address, hosts[3].address])
+            joined_at = time.monotonic()
+            seen: collections.Counter = collections.Counter()
+            while time.monotonic() - joined_at < 5.0 and not seen[3]:
+                await calls(stub, 10, seen, failures)
+            assert seen[3] > 0, f"host 3 got no call within 5 s: {seen}"
+            assert failures == []
+    finally:
+        router.terminate()
+        router.wait(timeout=20)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
