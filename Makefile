@@ -50,7 +50,7 @@ check-stubs: setup
 
 # kubectl (Debian package) renders deploy/ with its built-in kustomize (tests/cluster).
 kubectl:
-	command -v kubectl >/dev/null || apt-get install -y --no-install-recommends kubectl
+	command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends kubectl; }
 
 test: setup models contract kubectl
 	$(VENV)/bin/pytest -q
