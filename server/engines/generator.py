@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from router.admission import AdmissionGate, AdmissionPolicy, Priority
 from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
 from server.engines import registry
-from server.errors import InvalidArgument, NotFound, Unavailable
+from server.errors import InvalidArgument, NotFound, Overloaded, Unavailable
 
 if TYPE_CHECKING:
     from server.config import GenerationConfig
@@ -435,10 +435,18 @@ class ServedModel:
         # measures the prefill rate.
         chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
         free_slot = self.gate.in_flight < self.gate.max_running
-        self.gate.acquire(
-            prompt_tokens=max(1, chars // 4), deadline=request.deadline,
-            priority=request.priority,
-        )
+        try:
+            self.gate.acquire(
+                prompt_tokens=max(1, chars // 4), deadline=request.deadline,
+                priority=request.priority,
+            )
+        except Overloaded:
+            # Bad input is the caller's error whatever the load: a prompt long enough to
+            # overflow the context is counted before the refusal (INVALID_ARGUMENT wins).
+            if chars // 4 > limits.max_context_tokens // 2:
+                ids = await self._tokenize(request.prompt, request.messages)
+                fit_to_context(len(ids), request.params, limits)
+            raise
         try:
             ids = await self._tokenize(request.prompt, request.messages)
             max_tokens = fit_to_context(len(ids), request.params, limits)

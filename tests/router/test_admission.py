@@ -58,14 +58,22 @@ def test_a_50_ms_deadline_behind_2_s_of_work_is_refused_with_when_it_drains():
     assert "its deadline" in err.message
 
 
-def test_the_ceiling_bounds_a_long_deadline():
-    decide(3.9, 0.1, 60.0)
+def test_the_ceiling_bounds_the_wait_under_a_long_deadline():
+    decide(3.95, 0.1, 60.0)
     with pytest.raises(Overloaded) as info:
-        decide(3.95, 0.1, 60.0)
+        decide(4.05, 0.1, 60.0)
     assert "4000 ms ceiling" in info.value.message
     assert info.value.retry_after_s == pytest.approx(0.05)
     unbounded = AdmissionPolicy(max_queue_delay_s=0.0)
     decide(30.0, 0.1, 60.0, policy=unbounded)
+
+
+def test_a_large_request_on_an_idle_hop_is_bounded_by_its_deadline_not_the_ceiling():
+    # 16 s of its own work (a bulk ingest batch) fits a 60 s deadline with nothing ahead.
+    decide(0.0, 16.0, 60.0)
+    with pytest.raises(Overloaded) as info:
+        decide(0.0, 16.0, 10.0)
+    assert "its deadline" in info.value.message
 
 
 def test_no_deadline_means_the_default_one():
