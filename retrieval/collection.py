@@ -28,14 +28,13 @@ import msgpack
 import numpy as np
 
 from retrieval import snapshot as snap
-from retrieval.fusion import reciprocal_rank_fusion
+from retrieval.fusion import FusionDefaults, fuse
 from retrieval.index import FaissIndex, exact_search, train_threshold
 from retrieval.keyword import KeywordIndex
 from retrieval.points import PointTable
 from retrieval.rwlock import ReadWriteLock
 from retrieval.types import (
     DEFAULT_CANDIDATES,
-    DEFAULT_RRF_K,
     CollectionSpec,
     Hit,
     Metric,
@@ -189,6 +188,8 @@ class Collection:
             elif record["op"] == "d":
                 self._table.delete(record["ids"])
             self._version += 1
+            if self._keyword is not None:  # kept fresh inside the write (module docstring)
+                self._keyword.sync(self._table.texts, self._table.live)
 
     def _index_new_rows(self, vectors: np.ndarray) -> None:
         if self._index.trained:
@@ -350,27 +351,29 @@ class Collection:
         return index.search([query.text], k, mask)[0]
 
     def _keyword_index(self) -> KeywordIndex:
-        """The BM25 index of the current version, rebuilt first when writes happened."""
+        """The BM25 index, built on the first keyword search and then kept fresh by
+        every write (``_apply`` syncs it), so later searches never rebuild it."""
         with self._keyword_lock:
-            if self._keyword is None or self._keyword.version != self._version:
-                rows = self._table.live_rows()
-                texts = [self._table.texts[r] for r in rows.tolist()]
-                self._keyword = KeywordIndex(rows, texts, self._version)
+            if self._keyword is None:
+                index = KeywordIndex(stem=self.spec.stemming)
+                index.sync(self._table.texts, self._table.live)
+                self._keyword = index
             return self._keyword
 
     def _hybrid(
         self, query: SearchQuery, dense: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
-        candidates = max(query.params.candidates or DEFAULT_CANDIDATES, query.k)
-        keyword_rows, _ = self._keyword_search(query, candidates)
-        fused = reciprocal_rank_fusion(
-            [dense[0].tolist(), keyword_rows.tolist()],
-            k=query.params.rrf_k or DEFAULT_RRF_K,
-            top=query.k,
+        params, defaults = query.params, FusionDefaults()
+        candidates = max(params.candidates or DEFAULT_CANDIDATES, query.k)
+        keyword = self._keyword_search(query, candidates)
+        method = params.fusion or defaults.method
+        weight = defaults.weight_for(method) if params.dense_weight is None else params.dense_weight
+        rows, scores = dense
+        if not self.spec.metric.higher_is_closer:
+            scores = -scores  # L2 distances: fusion wants higher-is-better
+        return fuse(
+            (rows, scores), keyword, method, weight, params.rrf_k or defaults.rrf_k, query.k
         )
-        rows = np.asarray([row for row, _ in fused], dtype=np.int64)
-        scores = np.asarray([score for _, score in fused], dtype=np.float32)
-        return rows, scores
 
     # ---------------------------------------------------------------- snapshots
 
@@ -485,6 +488,10 @@ class Collection:
             self._table = table
             self._rebuild_index()
             self._version += 1
+            if self._keyword is not None:  # compaction keeps live rows in order
+                old_to_new = np.full(old.n_rows, -1, dtype=np.int64)
+                old_to_new[rows] = np.arange(rows.shape[0], dtype=np.int64)
+                self._keyword.remap(old_to_new, table.n_rows)
 
     def _rebuild_index(self) -> None:
         self._index = FaissIndex(self.spec)

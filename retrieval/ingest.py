@@ -1,5 +1,10 @@
 """Document ingestion: chunk in token windows, embed in batches, upsert durably.
 
+Re-ingesting a document replaces it: its chunks ``<id>#0..#n-1`` are upserted, then any
+older chunks ``<id>#n`` onwards (a previous version had more) are deleted. Invariant: a
+document's chunks are always ``#0`` up to a contiguous end, so the stale ones are found
+by probing ids from ``#n`` until the first missing one.
+
 Transport-free: the caller supplies the embedding function (in-process hop or a gRPC
 client) and the function that runs blocking work off the event loop.
 """
@@ -22,6 +27,8 @@ from retrieval.types import Payload, Point
 EmbedFn = Callable[[list[str]], Awaitable[np.ndarray]]
 #: Runs a blocking callable in a worker thread.
 RunFn = Callable[..., Awaitable[Any]]
+# Chunk ids probed per Get while looking for a document's stale chunks.
+PROBE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,11 @@ class Ingestor:
         self.stats = IngestStats()
 
     async def add(self, documents: Sequence[Document]) -> None:
-        """Chunk, embed and upsert ``documents``; returns once their chunks are durable."""
+        """Chunk, embed and upsert ``documents``; returns once their chunks are durable.
+
+        Chunks left over from a longer earlier version of a document are deleted after
+        its new chunks are written (durably, before this returns).
+        """
         points = await self._run(self._chunk_all, list(documents))
         for start in range(0, len(points), self.batch_size):
             batch = points[start : start + self.batch_size]
@@ -89,8 +100,29 @@ class Ingestor:
             await self._run(self.collection.upsert, upsert)
             self.stats.embed_s += embedded - began
             self.stats.write_s += time.perf_counter() - embedded
+        counts: dict[str, int] = {}
+        for pid, _, _ in points:
+            doc_id = pid.rsplit("#", 1)[0]
+            counts[doc_id] = counts.get(doc_id, 0) + 1
+        await self._run(self._delete_stale, counts)
         self.stats.documents += len(documents)
         self.stats.chunks += len(points)
+
+    def _delete_stale(self, counts: dict[str, int]) -> int:
+        """Delete chunks ``#n`` onwards of each document that now has ``n`` chunks."""
+        stale = []
+        for doc_id, n in counts.items():
+            while True:
+                probe = [chunk_id(doc_id, m) for m in range(n, n + PROBE_BATCH)]
+                found = {p.id for p in self.collection.get(probe)}
+                run = 0
+                while run < len(probe) and probe[run] in found:
+                    run += 1
+                stale.extend(probe[:run])
+                if run < len(probe):
+                    break
+                n += PROBE_BATCH
+        return self.collection.delete(stale) if stale else 0
 
     def _chunk_all(self, documents: list[Document]) -> list[tuple[str, str, dict[str, Any]]]:
         out = []

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import InvalidArgument
+from retrieval.fusion import Fusion
 
 MAX_NAME_CHARS = 64
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_NAME_CHARS)
@@ -64,7 +65,6 @@ DEFAULT_EF_CONSTRUCTION = 80
 # Measured at 1M x 384 (perf.search_bench): recall@10 0.910 at 64, 0.967 at 128 for +0.17 ms.
 DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE = 32
-DEFAULT_RRF_K = 60
 DEFAULT_CANDIDATES = 100
 MAX_EF_SEARCH = 8192
 MAX_NPROBE = 65536
@@ -85,6 +85,10 @@ class CollectionSpec:
     pq_m: int = 0
     hnsw_m: int = DEFAULT_HNSW_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    # BM25 tokens go through the English stemmer. New collections default to True; specs
+    # written before the option existed load as False, so an existing collection keeps
+    # ranking exactly as it did (its keyword index was built unstemmed).
+    stemming: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain form for msgpack."""
@@ -97,6 +101,7 @@ class CollectionSpec:
             "pq_m": self.pq_m,
             "hnsw_m": self.hnsw_m,
             "ef_construction": self.ef_construction,
+            "stemming": self.stemming,
         }
 
     @classmethod
@@ -111,6 +116,7 @@ class CollectionSpec:
             pq_m=int(data["pq_m"]),
             hnsw_m=int(data["hnsw_m"]),
             ef_construction=int(data["ef_construction"]),
+            stemming=bool(data.get("stemming", False)),
         )
 
 
@@ -124,6 +130,7 @@ def make_spec(
     pq_m: int = 0,
     hnsw_m: int = 0,
     ef_construction: int = 0,
+    stemming: bool = True,
 ) -> CollectionSpec:
     """Validate creation parameters and fill in defaults; raises InvalidArgument."""
     if not NAME_PATTERN.match(name or ""):
@@ -163,6 +170,7 @@ def make_spec(
         pq_m=pq_m,
         hnsw_m=hnsw_m or DEFAULT_HNSW_M,
         ef_construction=ef_construction or DEFAULT_EF_CONSTRUCTION,
+        stemming=stemming,
     )
 
 
@@ -210,6 +218,10 @@ class SearchParams:
     ef_search: int = 0
     rrf_k: int = 0
     candidates: int = 0
+    # Hybrid fusion; None: the server default (retrieval.fusion.FusionDefaults).
+    fusion: Fusion | None = None
+    # Hybrid: weight of the dense ranking in [0, 1] (keyword: 1 - it); None: the default.
+    dense_weight: float | None = None
 
 
 @dataclass(frozen=True)

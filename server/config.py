@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrieval.fusion import Fusion, FusionDefaults
 from server.engines import registry
 
 ENV_PREFIX = "BACKBONE_"
@@ -159,6 +160,21 @@ class SearchConfig:
     milvus_db_name: str = ""
     milvus_collection_prefix: str = "backbone_"
     milvus_timeout_s: float = 10.0
+    # Hybrid search defaults (a request's SearchParams override them; see
+    # retrieval/fusion.py). fusion: "convex_minmax", "convex_zscore" or "rrf".
+    fusion: str = "convex_minmax"
+    # Dense weight alpha in [0, 1] of the convex methods (keyword: 1 - alpha); chosen on
+    # the MS MARCO subset on a broad plateau, leaning to dense (perf/quality_bench.py).
+    dense_weight: float = 0.8
+    # Dense weight of RRF (0.5: classic equal-weight RRF) and its k.
+    rrf_dense_weight: float = 0.5
+    rrf_k: int = 60
+
+    def fusion_defaults(self) -> FusionDefaults:
+        """The hybrid defaults as retrieval takes them (values checked by load_config)."""
+        return FusionDefaults(
+            Fusion(self.fusion), self.dense_weight, self.rrf_dense_weight, self.rrf_k
+        )
 
 
 @dataclass(frozen=True)
@@ -534,6 +550,13 @@ def _validate(config: Config) -> None:
         )
     if q.backend == "milvus" and not q.milvus_uri:
         raise ConfigError("search.backend = \"milvus\" needs search.milvus_uri")
+    if q.fusion not in {f.value for f in Fusion}:
+        raise ConfigError(f"search.fusion {q.fusion!r} is not one of {[f.value for f in Fusion]}")
+    for key in ("dense_weight", "rrf_dense_weight"):
+        if not 0.0 <= getattr(q, key) <= 1.0:
+            raise ConfigError(f"search.{key} {getattr(q, key)} must be in [0, 1]")
+    if not 1 <= q.rrf_k <= 1_000_000:
+        raise ConfigError(f"search.rrf_k {q.rrf_k} must be 1-1000000")
     _validate_routing(config.routing)
     _validate_router(config.router)
 

@@ -51,7 +51,8 @@ class SearchHop(SearchCore):
         """The request's collection and its validated domain query."""
         collection = self.collection(request.collection)
         query = query_from_proto(
-            request, collection.spec, self.cfg.max_top_k, self.max_text_chars
+            request, collection.spec, self.cfg.max_top_k, self.max_text_chars,
+            self.cfg.fusion_defaults(),
         )
         return collection, query
 

@@ -16,6 +16,7 @@ from google.protobuf import json_format, struct_pb2
 from backbone.v1 import vector_search_service_pb2 as pb
 from retrieval import filters
 from retrieval.collection import Collection
+from retrieval.fusion import Fusion, FusionDefaults, check_weight
 from retrieval.ingest import Document
 from retrieval.types import (
     MAX_CANDIDATES,
@@ -65,6 +66,17 @@ _MODES = {
     pb.SEARCH_MODE_KEYWORD: SearchMode.KEYWORD,
     pb.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
 }
+_FUSIONS = {
+    pb.FUSION_METHOD_UNSPECIFIED: None,
+    pb.FUSION_METHOD_RRF: Fusion.RRF,
+    pb.FUSION_METHOD_CONVEX_MINMAX: Fusion.CONVEX_MINMAX,
+    pb.FUSION_METHOD_CONVEX_ZSCORE: Fusion.CONVEX_ZSCORE,
+}
+_STEMMING = {
+    pb.STEMMING_UNSPECIFIED: True,
+    pb.STEMMING_ENGLISH: True,
+    pb.STEMMING_NONE: False,
+}
 _METRIC_TO_PB = {v: k for k, v in _METRICS.items() if v is not None}
 _KIND_TO_PB = {v: k for k, v in _KINDS.items() if v is not None}
 
@@ -92,6 +104,7 @@ def info_to_proto(collection: Collection) -> pb.CollectionInfo:
             hnsw_m=spec.hnsw_m if spec.kind is IndexKind.HNSW else 0,
             ef_construction=spec.ef_construction if spec.kind is IndexKind.HNSW else 0,
         ),
+        stemming=pb.STEMMING_ENGLISH if spec.stemming else pb.STEMMING_NONE,
     )
 
 
@@ -193,8 +206,8 @@ def conditions_from_proto(flt: pb.Filter) -> tuple[filters.Condition, ...]:
     return filters.make_filter(out)
 
 
-def params_from_proto(params: pb.SearchParams) -> SearchParams:
-    """Tunables within their bounds."""
+def params_from_proto(params: pb.SearchParams, defaults: FusionDefaults) -> SearchParams:
+    """Tunables within their bounds; unset fusion settings take ``defaults``."""
     for name, value, limit in (
         ("nprobe", params.nprobe, MAX_NPROBE),
         ("ef_search", params.ef_search, MAX_EF_SEARCH),
@@ -205,7 +218,15 @@ def params_from_proto(params: pb.SearchParams) -> SearchParams:
             raise InvalidArgument(
                 f"params.{name} must be at most {limit}", metadata={"field": name, "limit": limit}
             )
-    return SearchParams(params.nprobe, params.ef_search, params.rrf_k, params.candidates)
+    method = enum_value(_FUSIONS, params.fusion, "fusion") or defaults.method
+    weight = (
+        check_weight(params.dense_weight) if params.HasField("dense_weight")
+        else defaults.weight_for(method)
+    )
+    return SearchParams(
+        params.nprobe, params.ef_search, params.rrf_k or defaults.rrf_k, params.candidates,
+        fusion=method, dense_weight=weight,
+    )
 
 
 def hit_to_proto(hit: Hit) -> pb.Hit:
@@ -228,15 +249,18 @@ def spec_from_proto(request: pb.CreateCollectionRequest) -> CollectionSpec:
         enum_value(_KINDS, request.index_kind, "index_kind"),
         nlist=params.nlist, pq_m=params.pq_m, hnsw_m=params.hnsw_m,
         ef_construction=params.ef_construction,
+        stemming=enum_value(_STEMMING, request.stemming, "stemming"),
     )
 
 
 def query_from_proto(
-    request: pb.SearchRequest, spec: CollectionSpec, max_top_k: int, max_text_chars: int
+    request: pb.SearchRequest, spec: CollectionSpec, max_top_k: int, max_text_chars: int,
+    defaults: FusionDefaults | None = None,
 ) -> SearchQuery:
     """Validate a SearchRequest (everything checkable before embedding) into a query.
 
     A text query in dense or hybrid mode comes back without a vector: the hop embeds it.
+    Unset fusion settings are resolved here from ``defaults`` (the [search] config).
     """
     top_k = check_top_k(request.top_k, max_top_k)
     mode = enum_value(_MODES, request.mode, "mode")
@@ -265,7 +289,7 @@ def query_from_proto(
     return SearchQuery(
         k=top_k, vector=vector, text=text, mode=mode,
         conditions=conditions_from_proto(request.filter),
-        params=params_from_proto(request.params),
+        params=params_from_proto(request.params, defaults or FusionDefaults()),
         with_payload=request.with_payload, with_vector=request.with_vector,
     )
 

@@ -17,7 +17,7 @@ import pytest
 from backbone.v1 import common_pb2
 from backbone.v1 import vector_search_service_pb2 as pb
 from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
-from tests.search.ir_metrics import doc_ranking, ndcg_at_k, recall_at_k
+from retrieval.ir_metrics import doc_ranking, ndcg_at_k, recall_at_k
 
 # Embeds the corpus through the server (the reference is the shared session fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]

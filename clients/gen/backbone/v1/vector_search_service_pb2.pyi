@@ -30,6 +30,19 @@ class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEARCH_MODE_DENSE: _ClassVar[SearchMode]
     SEARCH_MODE_KEYWORD: _ClassVar[SearchMode]
     SEARCH_MODE_HYBRID: _ClassVar[SearchMode]
+
+class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
+    FUSION_METHOD_RRF: _ClassVar[FusionMethod]
+    FUSION_METHOD_CONVEX_MINMAX: _ClassVar[FusionMethod]
+    FUSION_METHOD_CONVEX_ZSCORE: _ClassVar[FusionMethod]
+
+class Stemming(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEMMING_UNSPECIFIED: _ClassVar[Stemming]
+    STEMMING_ENGLISH: _ClassVar[Stemming]
+    STEMMING_NONE: _ClassVar[Stemming]
 METRIC_UNSPECIFIED: Metric
 METRIC_COSINE: Metric
 METRIC_INNER_PRODUCT: Metric
@@ -43,6 +56,13 @@ SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_DENSE: SearchMode
 SEARCH_MODE_KEYWORD: SearchMode
 SEARCH_MODE_HYBRID: SearchMode
+FUSION_METHOD_UNSPECIFIED: FusionMethod
+FUSION_METHOD_RRF: FusionMethod
+FUSION_METHOD_CONVEX_MINMAX: FusionMethod
+FUSION_METHOD_CONVEX_ZSCORE: FusionMethod
+STEMMING_UNSPECIFIED: Stemming
+STEMMING_ENGLISH: Stemming
+STEMMING_NONE: Stemming
 
 class IndexParams(_message.Message):
     __slots__ = ("nlist", "pq_m", "hnsw_m", "ef_construction")
@@ -57,21 +77,23 @@ class IndexParams(_message.Message):
     def __init__(self, nlist: _Optional[int] = ..., pq_m: _Optional[int] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_kind", "index_params")
+    __slots__ = ("name", "dimension", "metric", "index_kind", "index_params", "stemming")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEMMING_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
     index_kind: IndexKind
     index_params: IndexParams
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ...) -> None: ...
+    stemming: Stemming
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., stemming: _Optional[_Union[Stemming, str]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params")
+    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params", "stemming")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +102,7 @@ class CollectionInfo(_message.Message):
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEMMING_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
@@ -88,7 +111,8 @@ class CollectionInfo(_message.Message):
     trained: bool
     disk_bytes: int
     index_params: IndexParams
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ...) -> None: ...
+    stemming: Stemming
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., stemming: _Optional[_Union[Stemming, str]] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("collection",)
@@ -244,16 +268,20 @@ class Filter(_message.Message):
     def __init__(self, must: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("nprobe", "ef_search", "rrf_k", "candidates")
+    __slots__ = ("nprobe", "ef_search", "rrf_k", "candidates", "fusion", "dense_weight")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     RRF_K_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     ef_search: int
     rrf_k: int
     candidates: int
-    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., rrf_k: _Optional[int] = ..., candidates: _Optional[int] = ...) -> None: ...
+    fusion: FusionMethod
+    dense_weight: float
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., rrf_k: _Optional[int] = ..., candidates: _Optional[int] = ..., fusion: _Optional[_Union[FusionMethod, str]] = ..., dense_weight: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("collection", "vector", "text", "top_k", "filter", "params", "with_payload", "with_vector", "mode")

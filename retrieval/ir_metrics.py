@@ -1,4 +1,7 @@
-"""Retrieval metrics over graded relevance judgements (as pytrec_eval/BEIR compute them)."""
+"""Retrieval metrics over graded relevance judgements (as pytrec_eval/BEIR compute them).
+
+Shared by the quality test (tests/search/test_msmarco_quality.py) and perf/quality_bench.py.
+"""
 
 from __future__ import annotations
 
