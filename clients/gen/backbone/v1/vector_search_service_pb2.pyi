@@ -71,7 +71,7 @@ class CreateCollectionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params")
+    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class CollectionInfo(_message.Message):
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
@@ -88,7 +89,8 @@ class CollectionInfo(_message.Message):
     trained: bool
     disk_bytes: int
     index_params: IndexParams
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("collection",)
