@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ class Collection:
         self._keyword: KeywordIndex | None = None
         self._keyword_lock = threading.Lock()
         self._version = 0
+        # The public version starts at a random base per opened instance, so a collection
+        # deleted and created again (or reopened) never repeats an earlier version.
+        self._version_base = secrets.randbits(31) << 32
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
         self._wal = WriteAheadLog(self.directory / "wal", durable=durable)
@@ -246,6 +250,11 @@ class Collection:
                     rows, scores = self._hybrid(query, dense[i])
                 results.append(self._hits(query, rows, scores))
             return results
+
+    @property
+    def version(self) -> int:
+        """Changes on every write (upsert, delete); caches key answers by it."""
+        return self._version_base + self._version
 
     def stats(self) -> CollectionStats:
         """Points, training state, disk usage."""

@@ -25,6 +25,8 @@ remembers fields of deleted points).
 
 from __future__ import annotations
 
+import secrets
+
 import json
 import re
 import threading
@@ -270,11 +272,19 @@ class MilvusCollection:
         self._known: set[str] = set()
         # Rows written since the last flush, and when the last write happened.
         self._unflushed = 0
+        # Changes on every write through this hop (caches key on it); a random base per
+        # opened instance, so a collection created again never repeats a version.
+        self._version = secrets.randbits(31) << 32
         self._last_write = 0.0
 
     def _vectors(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
         return normalize_rows(vectors) if self.spec.metric is Metric.COSINE else vectors
+
+    @property
+    def version(self) -> int:
+        """Changes on every write (upsert, delete) made through this hop."""
+        return self._version
 
     def upsert(self, points: Sequence[Point]) -> int:
         """Insert or replace points; the last point of an id in the call wins."""
@@ -310,6 +320,7 @@ class MilvusCollection:
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete points by id; returns how many existed."""
+        self._version += 1
         unique = list(dict.fromkeys(ids))
         found = self.store.call(
             "query", self.mname, filter=ids_expr(unique), output_fields=["id"],

@@ -137,6 +137,9 @@ class Upstream(Protocol):
     async def search(self, call: SearchCall, *, deadline: float | None) -> Searched:
         """One search with payloads."""
 
+    async def collection_version(self, name: str, *, deadline: float | None) -> int:
+        """The collection's version (changes on every write to it)."""
+
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int, *, deadline: float | None
     ) -> Reranked:

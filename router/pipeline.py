@@ -28,6 +28,7 @@ from router.hop_api import (
     HYBRID,
     KEYWORD,
     Delta,
+    Embedded,
     Finished,
     GenerateCall,
     HopTime,
@@ -35,6 +36,7 @@ from router.hop_api import (
     Upstream,
 )
 from router.prompt_packing import DEFAULT_SYSTEM_PROMPT, pack
+from router.semantic_cache import SemanticCache, partition_key
 
 MAX_QUERY_CHARS = 8192
 DEFAULT_SEARCH_TOP_K = 50
@@ -67,6 +69,11 @@ class AnswerSpec:
     max_tokens: int | None = None
     system_prompt: str = ""
     history: tuple[tuple[str, str], ...] = ()
+    #: Deterministic sampling (temperature 0 or top_k 1) and the cache not skipped.
+    cacheable: bool = False
+    #: Stable renderings of the filter and the sampling parameters (cache keys).
+    filter_key: str = ""
+    sampling_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,22 @@ class AnswerFinal:
     degradations: list[str]
     sources_used: int
     cache_hit: bool = False
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """What the semantic cache replays: the sources, the deltas' texts, the final."""
+
+    sources: list[Source]
+    deltas: tuple[str, ...]
+    final: AnswerFinal
+
+    @property
+    def size(self) -> int:
+        """Approximate bytes held."""
+        return 512 + sum(len(s.text) + len(s.id) + 64 for s in self.sources) + sum(
+            len(d) for d in self.deltas
+        )
 
 
 def retrieve_spec(
@@ -139,27 +162,35 @@ class Pipeline:
     def __init__(
         self, upstream: Upstream, latency: budget.LatencyModel | None = None,
         default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        cache: SemanticCache | None = None,
     ) -> None:
         self.upstream = upstream
         self.latency = latency or budget.LatencyModel()
         self.default_system_prompt = default_system_prompt
+        self.cache = cache
+
+    async def _embed(self, query: str, deadline: float | None) -> Embedded:
+        t0 = time.perf_counter()
+        embedded = await self.upstream.embed([query], deadline=deadline)
+        self.latency.observe("embed", time.perf_counter() - t0)
+        return embedded
 
     async def retrieve(
-        self, spec: RetrieveSpec, deadline: float | None, *, answering: bool = False
+        self, spec: RetrieveSpec, deadline: float | None, *, answering: bool = False,
+        embedded: Embedded | None = None,
     ) -> Retrieved:
-        """Embed, search, rerank (see the module doc)."""
+        """Embed (unless ``embedded`` is given), search, rerank (see the module doc)."""
         began = time.perf_counter()
         plan = budget.make_plan(
             self.latency, remaining_s(deadline), rerank=not spec.skip_rerank,
             search_top_k=spec.search_top_k, top_n=spec.top_n, generate=answering,
-            embed=spec.mode == DENSE,
+            embed=spec.mode == DENSE and embedded is None,
         )
         timings: list[HopTime] = []
         vector = None
         if spec.mode == DENSE:
-            t0 = time.perf_counter()
-            embedded = await self.upstream.embed([spec.query], deadline=deadline)
-            self.latency.observe("embed", time.perf_counter() - t0)
+            if embedded is None:
+                embedded = await self._embed(spec.query, deadline)
             vector = embedded.vectors[0]
             timings.append(embedded.timing)
         call = SearchCall(
@@ -197,7 +228,27 @@ class Pipeline:
     ) -> AsyncIterator[list[Source] | Delta | AnswerFinal]:
         """The Answer stream: the sources, deltas, one ``AnswerFinal``."""
         began = time.perf_counter()
-        retrieved = await self.retrieve(spec.retrieve, deadline, answering=True)
+        r = spec.retrieve
+        system_prompt = spec.system_prompt or self.default_system_prompt
+        cache = self.cache if self.cache is not None and self.cache.settings.enabled else None
+        partition = embedded = None
+        if cache is not None and spec.cacheable:
+            version = await self.upstream.collection_version(r.collection, deadline=deadline)
+            partition = partition_key(
+                r.collection, version, spec.filter_key, r.mode, r.search_top_k, r.top_n,
+                r.skip_rerank, spec.model, system_prompt, spec.sampling_key, spec.history,
+            )
+            hit = cache.lookup_exact(partition, r.query)
+            if hit is None and r.mode == DENSE:
+                embedded = await self._embed(r.query, deadline)
+                hit = cache.lookup_semantic(partition, r.query, embedded.vectors[0])
+            if hit is not None:
+                timings = [embedded.timing] if embedded is not None else []
+                timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
+                async for event in _replay(hit.value, timings):
+                    yield event
+                return
+        retrieved = await self.retrieve(r, deadline, answering=True, embedded=embedded)
         yield retrieved.sources
         timings = [t for t in retrieved.timings if t.hop != "pipeline"]
         degradations = list(retrieved.degradations)
@@ -214,7 +265,7 @@ class Pipeline:
         reserve = spec.max_tokens or DEFAULT_ANSWER_TOKENS
         window = max(0, probe.max_context_tokens - reserve)
         packed = await pack(
-            count, system_prompt=spec.system_prompt or self.default_system_prompt,
+            count, system_prompt=system_prompt,
             sources=[s.text for s in retrieved.sources], history=spec.history,
             question=spec.retrieve.query, window=window,
         )
@@ -225,12 +276,14 @@ class Pipeline:
             degradations.append(f"sources_dropped: {dropped}")
         t0 = time.perf_counter()
         final: Finished | None = None
+        texts: list[str] = []
         stream = self.upstream.generate(
             GenerateCall(model, packed.messages, spec.sampling), deadline=deadline
         )
         try:
             async for event in stream:
                 if isinstance(event, Delta):
+                    texts.append(event.text)
                     yield event
                 else:
                     final = event
@@ -240,8 +293,32 @@ class Pipeline:
         assert final is not None, "a generation stream ends with a final event"
         timings.append(final.timing)
         timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
-        yield AnswerFinal(
+        done = AnswerFinal(
             final.finish_reason, final.prompt_tokens, final.completion_tokens, final.model,
             timings, degradations, packed.sources_used,
         )
+        # Only complete answers of the full plan are kept (a degraded one is not what the
+        # same question would get with time to spare).
+        if partition is not None and final.finish_reason in ("stop", "length") and not degradations:
+            value = CachedAnswer(retrieved.sources, tuple(texts), done)
+            cache.store(
+                partition, r.query, embedded.vectors[0] if embedded is not None else None,
+                value, value.size,
+            )
+        yield done
+
+
+async def _replay(
+    cached: CachedAnswer, timings: list[HopTime]
+) -> AsyncIterator[list[Source] | Delta | AnswerFinal]:
+    """A cached answer as a stream: its sources, its deltas, a final saying it is a hit
+    (usage is the original generation's; timings are this request's)."""
+    yield cached.sources
+    for text in cached.deltas:
+        yield Delta(text)
+    f = cached.final
+    yield AnswerFinal(
+        f.finish_reason, f.prompt_tokens, f.completion_tokens, f.model, timings, [],
+        f.sources_used, cache_hit=True,
+    )
 

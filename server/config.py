@@ -403,6 +403,28 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """The pipeline hop (Retrieve, Answer): system prompt and the semantic answer cache.
+
+    The cache answers deterministic Answer requests (temperature 0 or top_k 1, and
+    ``skip_cache`` unset) from earlier ones: the same question exactly, or a paraphrase
+    whose query embedding has cosine >= ``cache_threshold`` and passes the lexical guard
+    (no differing number, negation or substituted word). Keyed by collection and its
+    version (any write invalidates), filter, model, system prompt, sampling, retrieval
+    settings and history. Bounded by entries, MiB and age.
+    """
+
+    # System prompt when a request gives none; empty: router.prompt_packing's default
+    # (answer from the numbered sources only, cite them as [1]..[n]).
+    system_prompt: str = ""
+    cache: bool = True
+    cache_max_entries: int = 1024
+    cache_max_mb: float = 32.0
+    cache_ttl_s: float = 3600.0
+    cache_threshold: float = 0.8
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration of one process."""
 
@@ -414,6 +436,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 class ConfigError(ValueError):

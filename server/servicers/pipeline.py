@@ -26,6 +26,8 @@ from backbone.v1 import (
 from router.errors import InvalidArgument, Unavailable
 from router.hop_api import DENSE, HYBRID, KEYWORD, Delta
 from router.pipeline import AnswerFinal, AnswerSpec, Pipeline, Source, retrieve_spec
+from router.prompt_packing import DEFAULT_SYSTEM_PROMPT
+from router.semantic_cache import CacheSettings, SemanticCache
 from server.calls import deadline_of
 from server.hop import HopContext
 from server.upstream import Upstreams, timing_to_proto
@@ -65,6 +67,11 @@ def answer_spec_from(request: pb.AnswerRequest) -> AnswerSpec:
                 f"history[{i}].role must be user or assistant", metadata={"field": "history"}
             )
     sampling = request.sampling if request.HasField("sampling") else None
+    deterministic = sampling is not None and (
+        (sampling.HasField("temperature") and sampling.temperature == 0.0)
+        or (sampling.HasField("top_k") and sampling.top_k == 1)
+    )
+    retrieve = request.retrieve
     return AnswerSpec(
         retrieve=spec_from(request.retrieve),
         model=request.model,
@@ -72,6 +79,9 @@ def answer_spec_from(request: pb.AnswerRequest) -> AnswerSpec:
         max_tokens=sampling.max_tokens if sampling and sampling.HasField("max_tokens") else None,
         system_prompt=request.system_prompt,
         history=tuple((t.role, t.content) for t in request.history),
+        cacheable=deterministic and not request.skip_cache,
+        filter_key=retrieve.filter.SerializeToString(deterministic=True).hex(),
+        sampling_key=sampling.SerializeToString(deterministic=True).hex() if sampling else "",
     )
 
 
@@ -110,12 +120,22 @@ class PipelineHop:
 
     def __init__(self) -> None:
         self.pipeline: Pipeline | None = None
+        self.cache: SemanticCache | None = None
         self._upstreams: Upstreams | None = None
 
     async def start(self, ctx: HopContext) -> None:
         """Build the upstream path and the pipeline (hops are reached on first use)."""
+        cfg = ctx.config.pipeline
         self._upstreams = Upstreams(ctx)
-        self.pipeline = Pipeline(self._upstreams)
+        self.cache = SemanticCache(CacheSettings(
+            enabled=cfg.cache, max_entries=cfg.cache_max_entries,
+            max_bytes=int(cfg.cache_max_mb * 1024 * 1024), ttl_s=cfg.cache_ttl_s,
+            threshold=cfg.cache_threshold,
+        ))
+        self.pipeline = Pipeline(
+            self._upstreams, default_system_prompt=cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
+            cache=self.cache,
+        )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register PipelineService."""

@@ -98,6 +98,7 @@ def info_to_proto(collection: Collection) -> pb.CollectionInfo:
         points=stats.points,
         trained=stats.trained,
         disk_bytes=stats.disk_bytes,
+        version=collection.version,
         index_params=pb.IndexParams(
             nlist=stats.nlist,
             pq_m=spec.pq_m,

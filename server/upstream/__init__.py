@@ -103,6 +103,10 @@ class Upstreams:
         """See ``router.hop_api.Upstream.search``."""
         return await self.adapter("search").search(call, deadline=deadline)
 
+    async def collection_version(self, name: str, *, deadline: float | None) -> int:
+        """See ``router.hop_api.Upstream.collection_version``."""
+        return await self.adapter("search").collection_version(name, deadline=deadline)
+
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int, *, deadline: float | None
     ) -> Reranked:

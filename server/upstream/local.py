@@ -122,6 +122,10 @@ class LocalSearch:
         response.timings.extend(timings)
         return searched_from(response)
 
+    async def collection_version(self, name: str, *, deadline: float | None = None) -> int:
+        """The collection's version (NOT_FOUND when unknown)."""
+        return int(self._hop.collection(name).version)
+
     async def close(self) -> None:
         """Nothing to release."""
 

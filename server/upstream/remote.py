@@ -20,6 +20,7 @@ from backbone.v1 import (
     generation_service_pb2_grpc as gen_grpc,
     rerank_service_pb2 as rr_pb,
     rerank_service_pb2_grpc as rr_grpc,
+    vector_search_service_pb2 as vs_pb,
     vector_search_service_pb2_grpc as vs_grpc,
 )
 from clients.channel import ClientOptions, call_metadata, open_aio_channel
@@ -126,6 +127,12 @@ class RemoteSearch(_Remote):
         """One search with payloads."""
         stub = vs_grpc.VectorSearchServiceStub(self.channel)
         return searched_from(await self._unary(stub.Search, search_request(call), deadline))
+
+    async def collection_version(self, name: str, *, deadline: float | None = None) -> int:
+        """The collection's version (NOT_FOUND when unknown)."""
+        stub = vs_grpc.VectorSearchServiceStub(self.channel)
+        request = vs_pb.DescribeCollectionRequest(name=name)
+        return int((await self._unary(stub.DescribeCollection, request, deadline)).collection.version)
 
 
 class RemoteRerank(_Remote):

@@ -4,6 +4,7 @@ RetryInfo), recording what each call carried (deadline, metadata)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass, field
 
@@ -15,6 +16,12 @@ from google.rpc import error_details_pb2, status_pb2
 
 from backbone.v1 import embedding_service_pb2 as emb_pb
 from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
+from backbone.v1 import generation_service_pb2 as gen_pb
+from backbone.v1 import generation_service_pb2_grpc as gen_grpc
+from backbone.v1 import rerank_service_pb2 as rr_pb
+from backbone.v1 import rerank_service_pb2_grpc as rr_grpc
+from backbone.v1 import vector_search_service_pb2 as vs_pb
+from backbone.v1 import vector_search_service_pb2_grpc as vs_grpc
 
 DIM = 384
 
@@ -101,15 +108,6 @@ async def start_fake(servicers, credentials: grpc.ServerCredentials | None = Non
 
 # ----------------------------------------------------------------- the other fake hops
 
-import asyncio  # noqa: E402
-
-from backbone.v1 import generation_service_pb2 as gen_pb  # noqa: E402
-from backbone.v1 import generation_service_pb2_grpc as gen_grpc  # noqa: E402
-from backbone.v1 import rerank_service_pb2 as rr_pb  # noqa: E402
-from backbone.v1 import rerank_service_pb2_grpc as rr_grpc  # noqa: E402
-from backbone.v1 import vector_search_service_pb2 as vs_pb  # noqa: E402
-from backbone.v1 import vector_search_service_pb2_grpc as vs_grpc  # noqa: E402
-
 
 @dataclass
 class HopScript:
@@ -123,6 +121,7 @@ class HopScript:
     rerank_delay_s: float = 0.0
     max_context_tokens: int = 2048
     answer: tuple[str, ...] = ("Green tea ", "is unoxidised ", "[1].")
+    version: int = 1
 
 
 def passage(i: int) -> str:
@@ -145,6 +144,11 @@ class FakeSearch(vs_grpc.VectorSearchServiceServicer):
         for i, hit in enumerate(hits):
             hit.payload.metadata.update({"rank": i, "source": "fake"})
         return vs_pb.SearchResponse(hits=hits, timings=[{"hop": "search", "total_us": 50}])
+
+    async def DescribeCollection(self, request, context):  # noqa: N802
+        return vs_pb.DescribeCollectionResponse(
+            collection=vs_pb.CollectionInfo(name=request.name, dimension=DIM, version=self.script.version)
+        )
 
 
 class FakeRerank(rr_grpc.RerankServiceServicer):

@@ -93,7 +93,7 @@ class CreateCollectionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., stemming: _Optional[_Union[Stemming, str]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params", "stemming")
+    __slots__ = ("name", "dimension", "metric", "index_kind", "points", "trained", "disk_bytes", "index_params", "stemming", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class CollectionInfo(_message.Message):
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     INDEX_PARAMS_FIELD_NUMBER: _ClassVar[int]
     STEMMING_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: Metric
@@ -112,7 +113,8 @@ class CollectionInfo(_message.Message):
     disk_bytes: int
     index_params: IndexParams
     stemming: Stemming
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., stemming: _Optional[_Union[Stemming, str]] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index_kind: _Optional[_Union[IndexKind, str]] = ..., points: _Optional[int] = ..., trained: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., index_params: _Optional[_Union[IndexParams, _Mapping]] = ..., stemming: _Optional[_Union[Stemming, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("collection",)
