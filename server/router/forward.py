@@ -89,8 +89,15 @@ async def relay(context: grpc.aio.ServicerContext, err: AttemptError) -> None:
     """End the caller's call with the replica's error as it was (raises)."""
     cause = err.cause
     if isinstance(cause, grpc.aio.AioRpcError):
-        await context.abort(cause.code(), cause.details() or "",
-                            trailing_metadata=returned_metadata(cause.trailing_metadata()))
+        if context.done():  # the caller's call already ended (its deadline): nobody to tell
+            raise asyncio.CancelledError
+        try:
+            await context.abort(cause.code(), cause.details() or "",
+                                trailing_metadata=returned_metadata(cause.trailing_metadata()))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - the call ended meanwhile (deadline): sending failed
+            raise asyncio.CancelledError from None
     raise Unavailable(f"replica error {err.code}")
 
 
@@ -186,8 +193,12 @@ class Forwarder:
         except AttemptError as err:
             await relay(context, err)
         call, message = win.value
-        async for item in _relay_stream(rs, win, call, message, context):
-            yield item
+        relayed = _relay_stream(rs, win, call, message, context)
+        try:
+            async for item in relayed:
+                yield item
+        finally:  # closed early (caller gone): the relay's own cleanup must run now
+            await relayed.aclose()
 
     async def _client_stream(self, service: str, method: str, requests, context) -> bytes:
         pool, rs = self._set(service)
@@ -218,8 +229,12 @@ class Forwarder:
 
         win = await rs.run(attempt, deadline=deadline_of(context), keep_open=True)
         call, _ = win.value
-        async for item in _relay_stream(rs, win, call, None, context):
-            yield item
+        relayed = _relay_stream(rs, win, call, None, context)
+        try:
+            async for item in relayed:
+                yield item
+        finally:
+            await relayed.aclose()
 
     async def _abort_all(self, service: str, method: str, request: bytes, context) -> bytes:
         """Abort goes to every healthy replica (the router does not pin request ids to

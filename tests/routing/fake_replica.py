@@ -50,6 +50,7 @@ class FakeReplica(embedding_service_pb2_grpc.EmbeddingServiceServicer,
         self.calls = 0
         self.active_generations = 0
         self.generations_cancelled = 0
+        self.generations_ended_early = 0  # cancelled, or closed before their final message
         self.last_metadata: dict[str, str] = {}
         self.last_time_remaining: float | None = None
         self.health = health.aio.HealthServicer()
@@ -111,6 +112,7 @@ class FakeReplica(embedding_service_pb2_grpc.EmbeddingServiceServicer,
         if self.fail_all:
             await abort_with(context, Unavailable(f"{self.name} is failing"))
         self.active_generations += 1
+        finished = False
         try:
             words = (request.prompt or "x").split()
             for i in range(max(1, request.sampling.max_tokens or 8)):
@@ -118,11 +120,13 @@ class FakeReplica(embedding_service_pb2_grpc.EmbeddingServiceServicer,
                 yield gpb.GenerateResponse(request_id=self.name, delta=gpb.GenerateDelta(
                     text=words[i % len(words)] + " ", token_ids=[i]))
             yield gpb.GenerateResponse(request_id=self.name, final=gpb.GenerateFinal(model=self.name))
+            finished = True
         except asyncio.CancelledError:
             self.generations_cancelled += 1
             raise
         finally:
             self.active_generations -= 1
+            self.generations_ended_early += not finished
 
     async def Abort(self, request, context):  # noqa: N802
         return gpb.AbortResponse(aborted=request.request_id == self.name)

