@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +44,11 @@ MODES = ("features", "borderline", "full")
 # The embedding hop's deadline-based shedding off: a sequential caller here must not be
 # refused (a refusal in the generation hop only means the features decide alone).
 NO_EMBED_SHEDDING = {"embedding": {"max_queue_delay_ms": 0}}
+
+
+def f3(value: float | None) -> str:
+    """Three decimals."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def idle(tier) -> TierLoad:
@@ -109,13 +115,15 @@ async def measure(rows, scorer, rounds: int) -> tuple[list, dict[str, Any]]:
         vectors, full_ms, embed_ms = [], [], []
         for row in rows:
             vectors.append((await hop.embed_texts([row["text"][:2000]], normalize=True))[0])
-        feature_ms = []
+        feature_ms: list[float] = []
+        per_prompt: list[list[float]] = [[] for _ in rows]
         for _ in range(rounds):
-            for row, vector in zip(rows, vectors):
+            for index, row in enumerate(rows):
                 t0 = time.perf_counter()
-                base = scorer.score_features(row["text"], int(row.get("turns", 1)))
+                scorer.score_features(row["text"], int(row.get("turns", 1)))
                 t1 = time.perf_counter()
                 feature_ms.append((t1 - t0) * 1e3)
+                per_prompt[index].append((t1 - t0) * 1e3)
         for row in rows:
             t0 = time.perf_counter()
             base = scorer.score_features(row["text"], int(row.get("turns", 1)))
@@ -129,6 +137,10 @@ async def measure(rows, scorer, rounds: int) -> tuple[list, dict[str, Any]]:
         await hop.stop()
     return vectors, {
         "feature_scorer_ms": latency_summary(feature_ms),
+        # Each prompt's median over the rounds: the scorer's own cost per prompt, without
+        # the preemption spikes of a shared machine.
+        "feature_scorer_per_prompt_median_ms": latency_summary(
+            statistics.median(samples) for samples in per_prompt),
         "embedding_hop_ms": latency_summary(embed_ms),
         "full_scorer_ms": latency_summary(full_ms),
     }
@@ -267,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(
         ["mode", "accuracy", "simple->expensive", "kept off expensive", "embedding asked",
          *[f"share {t}" for t in tiers]],
-        [[r["mode"], r["accuracy"], r["simple_to_expensive"], r["kept_off_expensive"],
-          r["embedding_asked"], *[r["tier_share"][t] for t in tiers]] for r in results]))
+        [[r["mode"], *map(f3, (r["accuracy"], r["simple_to_expensive"],
+                               r["kept_off_expensive"], r["embedding_asked"])),
+          *[f3(r["tier_share"][t]) for t in tiers]] for r in results]))
     for r in results:
         print(f"confusion ({r['mode']}, label x tier):")
         print(markdown_table(["label", *tiers],
-                             [[lb, *[r["confusion"][lb][t] for t in tiers]]
+                             [[lb, *[str(r["confusion"][lb][t]) for t in tiers]]
                               for lb in ("simple", "complex")]))
     print(markdown_table(["decision", "p50 ms", "p99 ms", "n"],
-                         [[k, v["p50"], v["p99"], v["count"]] for k, v in latency.items()]))
+                         [[k, f3(v["p50"]), f3(v["p99"]), str(v["count"])]
+                          for k, v in latency.items()]))
     if "e2e" in report:
         e = report["e2e"]
         print(f"TTFT p50: auto {e['auto_ttft_ms']['p50']} ms, named "

@@ -37,8 +37,8 @@ DEFAULT_PROMPTS = DATA_DIR / "route_prompts.jsonl"
 #: Only the first SCAN_HEAD and the last SCAN_TAIL characters are scanned for cues (the
 #: ask is usually at the start or the end; bounds the cost of huge prompts to well under a
 #: millisecond; the length feature still sees the whole text).
-SCAN_HEAD = 1000
-SCAN_TAIL = 500
+SCAN_HEAD = 600
+SCAN_TAIL = 300
 #: Approximate characters per token (English, BPE tokenizers): length without a tokenizer.
 CHARS_PER_TOKEN = 4.0
 #: Tokens at which the length feature saturates (log scale below it).
