@@ -9,9 +9,9 @@ Three methods (``Fusion``):
   min-max normalised to [0, 1] over that ranking's candidates;
 * ``CONVEX_ZSCORE``: the same with z-scores ((x - mean) / std over the candidates).
 
-In the convex methods an item missing from one ranking's candidates takes that ranking's
-lowest normalised score (0 for min-max): it scored no better than the worst candidate
-there. alpha is the dense weight in [0, 1]; the keyword weight is 1 - alpha, for RRF too.
+In the convex methods an item missing from one ranking's candidates scores no better
+than that ranking's worst candidate there (min-max: 0; z-score: the lowest z-score; see
+:func:`normalize`). alpha is the dense weight in [0, 1]; the keyword weight is 1 - alpha, for RRF too.
 Bruch, Gai, Ingber (2022), "An Analysis of Fusion Functions for Hybrid Retrieval", find
 the convex combination better and more robust than RRF; ``perf/quality_bench.py`` sweeps
 alpha on the MS MARCO subset (the default is chosen there, see ``DEFAULT_DENSE_WEIGHT``).
@@ -91,16 +91,24 @@ def reciprocal_rank_fusion(
     return fused[:top]
 
 
-def normalize(scores: np.ndarray, method: Fusion) -> np.ndarray:
-    """Scores min-max scaled to [0, 1] or z-scored; constant scores map to 1 / 0."""
+def normalize(scores: np.ndarray, method: Fusion) -> tuple[np.ndarray, float]:
+    """Normalised scores and the value for an item the ranking did not return.
+
+    Min-max: scores to [0, 1] (all equal: 1), missing 0. Z-score: (x - mean) / std (all
+    equal: 0), missing the lowest z-score (all equal: -1). Missing is never above a
+    candidate, so a ranking cannot promote what it did not rank.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
-        return scores
+        return scores, 0.0
     if method is Fusion.CONVEX_MINMAX:
         low, span = scores.min(), scores.max() - scores.min()
-        return (scores - low) / span if span > 0 else np.ones_like(scores)
+        return ((scores - low) / span if span > 0 else np.ones_like(scores)), 0.0
     std = scores.std()
-    return (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores)
+    if std > 0:
+        z = (scores - scores.mean()) / std
+        return z, float(z.min())
+    return np.zeros_like(scores), -1.0
 
 
 def convex_fusion(
@@ -117,8 +125,8 @@ def convex_fusion(
     for (ids, raw), weight in ((dense, alpha), (keyword, 1.0 - alpha)):
         if ids.size == 0 or weight == 0.0:
             continue
-        norm = normalize(raw, method)
-        column = np.full(items.shape[0], norm.min())
+        norm, missing = normalize(raw, method)
+        column = np.full(items.shape[0], missing)
         column[np.searchsorted(items, ids)] = norm
         fused += weight * column
     order = np.lexsort((items, -fused))[:top]

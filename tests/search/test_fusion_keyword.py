@@ -53,8 +53,14 @@ def test_weight_one_is_dense_order_and_zero_is_keyword_order(method):
 
 
 def test_normalize_constant_scores_and_weight_bounds():
-    assert normalize(np.array([2.0, 2.0]), Fusion.CONVEX_MINMAX).tolist() == [1.0, 1.0]
-    assert normalize(np.array([2.0, 2.0]), Fusion.CONVEX_ZSCORE).tolist() == [0.0, 0.0]
+    norm, missing = normalize(np.array([2.0, 2.0]), Fusion.CONVEX_MINMAX)
+    assert norm.tolist() == [1.0, 1.0] and missing == 0.0
+    norm, missing = normalize(np.array([2.0, 2.0]), Fusion.CONVEX_ZSCORE)
+    assert norm.tolist() == [0.0, 0.0] and missing == -1.0
+    # One keyword candidate: it beats everything keyword did not rank.
+    for method in (Fusion.CONVEX_MINMAX, Fusion.CONVEX_ZSCORE):
+        one = (np.array([4]), np.array([3.0], dtype=np.float32))
+        assert fuse(DENSE, one, method, 0.0, 60, 1)[0].tolist() == [4]
     assert check_weight(0.0) == 0.0 and check_weight(1.0) == 1.0
     for bad in (-0.01, 1.01, float("nan")):
         with pytest.raises(InvalidArgument):

@@ -276,7 +276,8 @@ async def test_ingest_then_text_search_in_every_mode(text_stub, minilm):
         collection="docs", text="flour yeast dough", top_k=3, mode=pb.SEARCH_MODE_KEYWORD))
     assert [h.id for h in kw.hits] == ["bread#0"]
     hy = await text_stub.Search(pb.SearchRequest(
-        collection="docs", text="programming language", top_k=2, mode=pb.SEARCH_MODE_HYBRID))
+        collection="docs", text="programming language", top_k=2, mode=pb.SEARCH_MODE_HYBRID,
+        params=pb.SearchParams(fusion=pb.FUSION_METHOD_RRF)))
     assert hy.hits[0].id == "python#0" and hy.hits[0].score == pytest.approx(2 / 61)
 
     batch = await text_stub.SearchBatch(pb.SearchBatchRequest(searches=[
