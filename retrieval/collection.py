@@ -17,7 +17,6 @@ All methods are blocking; the async servicer runs them in threads.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import msgpack
 import numpy as np
 
 from retrieval import snapshot as snap
+from retrieval.snapshot import dir_bytes
 from retrieval.fusion import FusionDefaults, fuse
 from retrieval.index import FaissIndex, exact_search, train_threshold
 from retrieval.keyword import KeywordIndex
@@ -70,20 +70,6 @@ class CollectionStats:
     trained: bool
     disk_bytes: int
     nlist: int
-
-
-def _dir_bytes(directory: Path) -> int:
-    """Bytes of the files under ``directory``; files (or the whole directory) removed
-    while it counts (a snapshot dropping old files, a concurrent delete) count as 0, never
-    as an error: ``os.walk`` skips directories it cannot list."""
-    total = 0
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                continue
-    return total
 
 
 class Collection:
@@ -261,7 +247,7 @@ class Collection:
         with self._rw.read():
             points, trained = self._table.n_live, self._index.trained
             nlist = self._index.nlist or self.spec.nlist
-        return CollectionStats(self.spec, points, trained, _dir_bytes(self.directory), nlist)
+        return CollectionStats(self.spec, points, trained, dir_bytes(self.directory), nlist)
 
     def _payload(self, row: int) -> Payload:
         return Payload(self._table.texts[row], self._table.metas[row])
@@ -418,7 +404,7 @@ class Collection:
             self._wal.drop_through(seq)
             snap.remove_older_than(self.directory, seq)
             self._snapshot_seq = seq
-            self._snapshot_bytes = _dir_bytes(path)
+            self._snapshot_bytes = dir_bytes(path)
             return True
 
     def _snapshot_files(self) -> dict[str, snap.FileWriter]:
@@ -478,7 +464,7 @@ class Collection:
             log.warning("collection %s: index does not match the table; rebuilding", self.spec.name)
             self._rebuild_index()
         self._snapshot_seq = seq
-        self._snapshot_bytes = _dir_bytes(path)
+        self._snapshot_bytes = dir_bytes(path)
 
     def _compact(self) -> None:
         """Drop dead rows and rebuild the index over the live ones (renumbers rows)."""

@@ -84,3 +84,17 @@ def remove_older_than(directory: Path, seq: int) -> None:
     for old_seq, path in snapshot_dirs(directory):
         if old_seq < seq:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def dir_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory``; files (or the whole directory) removed
+    while it counts (a snapshot dropping old files, a concurrent delete) count as 0, never
+    as an error: ``os.walk`` skips directories it cannot list."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total

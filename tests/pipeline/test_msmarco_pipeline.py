@@ -20,7 +20,7 @@ from server.servicers.rerank import RerankHop
 from server.servicers.search import SearchHop
 from tests.conftest import running
 from tests.search.conftest import search_config
-from tests.search.ir_metrics import ndcg_at_k
+from retrieval.ir_metrics import ndcg_at_k
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -10,6 +10,7 @@ import pytest
 
 from retrieval.collection import Collection
 from retrieval.filters import Equals, In, Range
+from retrieval.fusion import Fusion
 from retrieval.manager import CollectionManager
 from retrieval.types import (
     IndexKind,
@@ -180,8 +181,10 @@ def test_keyword_and_hybrid(manager):
     hits = coll.search([SearchQuery(k=5, text="fox", mode=SearchMode.KEYWORD,
                                     conditions=(Range("i", gte=15),))])[0]
     assert ids(hits) == ["p20"]
-    hits = coll.search([SearchQuery(k=3, text="quick fox", vector=x[20], mode=SearchMode.HYBRID)])[0]
-    # p20 is first in the dense ranking and second in BM25: first after fusion.
+    rrf = SearchParams(fusion=Fusion.RRF)
+    hits = coll.search([SearchQuery(k=3, text="quick fox", vector=x[20], mode=SearchMode.HYBRID,
+                                    params=rrf)])[0]
+    # p20 is first in the dense ranking and second in BM25: first after RRF.
     assert ids(hits)[0] == "p20" and "p10" in ids(hits)
     assert hits[0].score == pytest.approx(1 / 61 + 1 / 62)
     coll.upsert([Point("p30", x[30], Payload("fox fox fox"))])  # index rebuilt on write
