@@ -9,6 +9,7 @@ the generation on the server.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from clients.commands._common import (
@@ -61,6 +62,24 @@ def start_stream(generation: GenerationClient, args: argparse.Namespace) -> Gene
     )
 
 
+ROUTE_METADATA = "backbone-route"
+
+
+def route_summary(route: str | bytes | None) -> str:
+    """`` tier=... score=...`` from a ``backbone-route`` trailer (model="auto"), else ""."""
+    if not route:
+        return ""
+    try:
+        decision = json.loads(route)
+    except ValueError:
+        return ""
+    score = decision.get("score")
+    text = f" tier={decision.get('tier') or '-'}"
+    if isinstance(score, (int, float)):
+        text += f" score={score:.2f}"
+    return text + (" spilled" if decision.get("spilled") else "")
+
+
 def run(args: argparse.Namespace) -> int:
     """Stream the completion; each delta is written and flushed as it arrives."""
     out = sys.stdout
@@ -74,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                         out.flush()
                     else:
                         final = event
+                route = dict(stream.trailing_metadata()).get(ROUTE_METADATA) if final else None
         except KeyboardInterrupt:
             out.write("\n")
             print("backbone generate: cancelled", file=sys.stderr)
@@ -86,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             f"prompt_tokens={final.usage.prompt_tokens} "
             f"completion_tokens={final.usage.completion_tokens} "
             f"ttft_ms={final.time_to_first_token_s * 1000:.1f} "
-            f"tpot_ms={final.time_per_output_token_s * 1000:.1f}",
+            f"tpot_ms={final.time_per_output_token_s * 1000:.1f}"
+            + route_summary(route),
             file=sys.stderr,
         )
     return EXIT_OK if final is not None else EXIT_FAILED

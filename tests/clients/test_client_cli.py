@@ -127,3 +127,14 @@ async def test_health_named_unknown_service_exit_1(backend, capsys):
     code = await run_cli("health", "--address", backend.address, "--service", "no.Such")
     out, _ = capsys.readouterr()
     assert code == 1 and out.split() == ["no.Such", "SERVICE_UNKNOWN"]
+
+
+def test_generate_stats_name_the_tier_that_auto_chose():
+    from clients.commands.generate import route_summary
+
+    route = '{"tier": "large", "model": "m", "score": 0.81, "spilled": false}'
+    assert route_summary(route) == " tier=large score=0.81"
+    assert route_summary(b'{"tier": "small", "score": 0.1, "spilled": true}') == (
+        " tier=small score=0.10 spilled"
+    )
+    assert route_summary(None) == "" and route_summary("not json") == ""
