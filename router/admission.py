@@ -5,9 +5,8 @@ its estimated completion -- the estimated wait for the work ahead of it plus its
 estimated compute, both from the hop's cost model -- fits
 
 * what is left of its deadline minus a small reserve (the answer's way back), and
-* for the wait alone, the hop's ceiling ``max_queue_delay_s`` (a few seconds of work: a
-  burst queues, a backlog that would only grow is refused; a single large request on an
-  idle hop is bounded by its deadline only).
+* the hop's ceiling ``max_queue_delay_s`` (a few seconds of work: a burst queues, a
+  backlog that would only grow is refused).
 
 A request without a deadline gets the hop's default deadline. A refusal is immediate
 (nothing waits) and says, as pushback, when the work ahead will have drained enough for
@@ -59,8 +58,8 @@ class Priority(enum.IntEnum):
 class AdmissionPolicy:
     """The admission rule's knobs, one per hop (see the hops' config sections)."""
 
-    # Ceiling on a request's estimated wait for the work ahead, seconds; 0: no ceiling
-    # (only the deadline bounds wait + own compute).
+    # Ceiling on a request's estimated completion (wait + own compute), seconds; 0: no
+    # ceiling (only the deadline bounds).
     max_queue_delay_s: float = 4.0
     # Deadline given to a request that has none, seconds.
     default_deadline_s: float = 10.0
@@ -114,20 +113,27 @@ def admit(
         raise DeadlineTooShort(f"the deadline passed before {name} could queue the {what}")
     budget = left - policy.reserve_s
     ceiling = policy.max_queue_delay_s
+    if ceiling:
+        budget = min(budget, ceiling)
     wait_s, own_s = max(0.0, wait_s), max(0.0, own_s)
-    # The deadline bounds the whole completion (wait + own compute); the ceiling bounds
-    # only the wait (a queue delay): one large request on an idle hop is not refused for
-    # being large, only for not fitting its own deadline.
-    wait_budget = min(budget - own_s, ceiling) if ceiling else budget - own_s
+    fits = wait_s + own_s <= budget + 1e-9  # float slack: exactly the budget fits
     if priority is Priority.LOW:
         # Low is refused first: only admitted while the queue is short.
-        wait_budget = min(wait_budget, policy.low_fraction * (min(budget, ceiling) if ceiling else budget))
-    fits = wait_s <= wait_budget + 1e-9  # float slack: exactly the budget fits
+        wait_budget = policy.low_fraction * budget
+        fits = fits and wait_s <= wait_budget
+        allowed = min(budget - own_s, wait_budget)
+    else:
+        allowed = budget - own_s
+    if not fits and wait_s == 0 and priority is not Priority.LOW:
+        # Nothing is ahead: an idle hop runs the work at once. The estimate of a large
+        # request (a bulk ingest batch) is the least reliable one, and work still running
+        # at its deadline is dropped anyway.
+        fits = True
     if fits:
         return Admitted(deadline=deadline, wait_s=wait_s, own_s=own_s)
     # Pushback: once the work ahead has drained to what this request could afford.
-    retry = max(MIN_RETRY_S, wait_s - max(0.0, wait_budget))
-    over = "its deadline" if not ceiling or budget - own_s < ceiling else (
+    retry = max(MIN_RETRY_S, wait_s - max(0.0, allowed))
+    over = "its deadline" if not ceiling or left - policy.reserve_s < ceiling else (
         f"the {ceiling * 1000:.0f} ms ceiling"
     )
     raise Overloaded(

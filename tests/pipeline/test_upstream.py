@@ -113,7 +113,7 @@ async def test_remote_call_without_caller_deadline_uses_the_configured_default(f
             stub = pb_grpc.VectorSearchServiceStub(channel)
             await stub.CreateCollection(pb.CreateCollectionRequest(name="docs", dimension=DIM))
             await stub.Search(pb.SearchRequest(collection="docs", text="tea", top_k=1))
-    assert 6.0 < script.time_remaining[0] <= 7.0
+    assert 6.0 < script.time_remaining[0] <= 7.05  # gRPC rounds the timeout header up
 
 
 def _tls_config(tmp_path, pki, embedding_address):  # noqa: F811 - pki is the fixture value

@@ -58,22 +58,14 @@ def test_a_50_ms_deadline_behind_2_s_of_work_is_refused_with_when_it_drains():
     assert "its deadline" in err.message
 
 
-def test_the_ceiling_bounds_the_wait_under_a_long_deadline():
-    decide(3.95, 0.1, 60.0)
+def test_the_ceiling_bounds_a_long_deadline():
+    decide(3.9, 0.1, 60.0)
     with pytest.raises(Overloaded) as info:
-        decide(4.05, 0.1, 60.0)
+        decide(3.95, 0.1, 60.0)
     assert "4000 ms ceiling" in info.value.message
     assert info.value.retry_after_s == pytest.approx(0.05)
     unbounded = AdmissionPolicy(max_queue_delay_s=0.0)
     decide(30.0, 0.1, 60.0, policy=unbounded)
-
-
-def test_a_large_request_on_an_idle_hop_is_bounded_by_its_deadline_not_the_ceiling():
-    # 16 s of its own work (a bulk ingest batch) fits a 60 s deadline with nothing ahead.
-    decide(0.0, 16.0, 60.0)
-    with pytest.raises(Overloaded) as info:
-        decide(0.0, 16.0, 10.0)
-    assert "its deadline" in info.value.message
 
 
 def test_no_deadline_means_the_default_one():
@@ -220,3 +212,11 @@ async def test_served_model_learns_rates_and_refuses_what_cannot_start_in_time()
         await run(GenerationRequest("b", prompt="hi", params=GenerationParams(),
                                     deadline=time.monotonic() + 0.5))
     assert model.gate.in_flight == 1 and len(engine.steps) == 2  # the engine saw nothing
+
+
+def test_an_idle_hop_runs_a_large_request_whatever_its_estimate():
+    # 16 s of its own work (a bulk ingest batch) with nothing ahead: admitted, even past
+    # the ceiling and the deadline (dropped at the deadline if it really runs that long).
+    assert decide(0.0, 16.0, 10.0).own_s == 16.0
+    with pytest.raises(Overloaded):
+        decide(0.001, 16.0, 10.0)  # anything ahead: the rule applies
