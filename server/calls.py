@@ -46,11 +46,12 @@ def hop_timing(
     hop: str, *, queue_s: float = 0.0, compute_s: float = 0.0, total_s: float = 0.0,
     batch_size: int = 0,
 ) -> common_pb2.HopTiming:
-    """A ``HopTiming`` from seconds (the wire carries microseconds)."""
+    """A ``HopTiming`` from seconds (the wire carries microseconds; a negative duration,
+    from clocks read in another order, counts as 0)."""
     return common_pb2.HopTiming(
         hop=hop,
-        queue_us=int(queue_s * 1e6),
-        compute_us=int(compute_s * 1e6),
-        total_us=int(total_s * 1e6),
+        queue_us=max(0, int(queue_s * 1e6)),
+        compute_us=max(0, int(compute_s * 1e6)),
+        total_us=max(0, int(total_s * 1e6)),
         batch_size=batch_size,
     )

@@ -102,9 +102,8 @@ def final_message(request_id: str, model: str, final: GenerationFinal) -> pb.Gen
             time_per_output_token_us=us(final.tpot_s),
             timings=[
                 hop_timing(
-                    "generate", queue_s=max(0.0, final.queue_s),
-                    compute_s=max(0.0, final.compute_s), total_s=max(0.0, final.total_s),
-                    batch_size=final.batch_size,
+                    "generate", queue_s=final.queue_s, compute_s=final.compute_s,
+                    total_s=final.total_s, batch_size=final.batch_size,
                 )
             ],
             model=model,

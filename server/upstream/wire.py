@@ -29,6 +29,7 @@ from router.errors import (
     Unavailable,
 )
 from router.hop_api import HopTime
+from server.calls import hop_timing
 from server.config import Config
 
 _S = grpc.StatusCode
@@ -109,10 +110,7 @@ def timing_from_proto(t: common_pb2.HopTiming) -> HopTime:
 
 def timing_to_proto(t: HopTime) -> common_pb2.HopTiming:
     """Wire timing of a domain timing."""
-    return common_pb2.HopTiming(
-        hop=t.hop,
-        queue_us=max(0, int(t.queue_s * 1e6)),
-        compute_us=max(0, int(t.compute_s * 1e6)),
-        total_us=max(0, int(t.total_s * 1e6)),
+    return hop_timing(
+        t.hop, queue_s=t.queue_s, compute_s=t.compute_s, total_s=t.total_s,
         batch_size=t.batch_size,
     )
