@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--overload", type=float, default=3.0, help="multiple of saturation (default 3)")
     parser.add_argument("--overload-timeout", type=float, default=0.2, help="overload deadline, s (default 0.2)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="saturation deadline, s (default 10)")
     parser.add_argument("--max-inflight", type=int, default=4096)
     parser.add_argument("--rss-growth-limit", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
@@ -133,14 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     try:
         for r in range(1, args.rounds + 1):
-            args.timeout = 10.0
             sat = run_loadgen(args, "embed", server, raw / f"round{r}_saturation.json",
                               concurrency=args.concurrency, duration=args.saturation_seconds)
             rate = args.overload * sat["throughput_rps"]
             if not rate > 0:
                 raise RuntimeError(f"saturation got no OK answers: {sat['errors_by_status']}")
-            args.timeout = args.overload_timeout
-            over = run_loadgen(args, "embed", server, raw / f"round{r}_overload.json", rate=rate)
+            over = run_loadgen(args, "embed", server, raw / f"round{r}_overload.json", rate=rate,
+                               timeout=args.overload_timeout)
             figures = overload_figures(over, sat["throughput_rps"], args.overload_timeout, args.rss_growth_limit)
             print(f"[bench] round {r}: saturation {sat['throughput_rps']:.1f}/s, overload {rate:.1f}/s: "
                   f"OK {figures['ok']} RE {figures['resource_exhausted']} other {figures['other_by_status']} "

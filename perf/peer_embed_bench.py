@@ -54,6 +54,9 @@ from perf.report import dig, fmt, markdown_table, median, read_json, write_json
 
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
 PEER_VENV = REPO_ROOT / ".peers" / "infinity"
+# The bundled MiniLM plus model.onnx, for infinity's optimum engine (it reads .onnx files
+# from the model directory and cannot export with the torch it runs on).
+PEER_ONNX_DIR = REPO_ROOT / ".peers" / "minilm-onnx"
 BACKBONE_CMD = "{python} -m server.main serve embedding --port {port} --set server.metrics_port=0"
 EMBED_SERVICE = "backbone.v1.EmbeddingService"
 SERVED_NAME = "all-MiniLM-L6-v2"
@@ -68,6 +71,27 @@ def minilm_dir() -> Path:
     from server.engines.embedder import bundled_model_path
 
     return bundled_model_path()
+
+
+def onnx_model_dir() -> Path:
+    """The bundled MiniLM files plus ``model.onnx``: the graph the backbone's onnx engine
+    exports at load (``export_onnx``, same weights, opset 17), written once."""
+    if (PEER_ONNX_DIR / "model.onnx").exists():
+        return PEER_ONNX_DIR
+    import shutil
+
+    from server.engines.embedder import load_sentence_transformer
+    from server.engines.onnx_embedder import _INPUTS, export_onnx
+
+    staging = PEER_ONNX_DIR.with_name(PEER_ONNX_DIR.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(minilm_dir(), staging)
+    _, model = load_sentence_transformer(minilm_dir())
+    accepted = set(model.tokenizer.model_input_names)
+    graph = export_onnx(model[0].auto_model, [n for n in _INPUTS if n == "input_ids" or n in accepted])
+    (staging / "model.onnx").write_bytes(graph)
+    staging.rename(PEER_ONNX_DIR)
+    return PEER_ONNX_DIR
 
 
 # --- the client side (its own process) ----------------------------------------------------
@@ -155,7 +179,8 @@ def start_infinity(engine: str, args: argparse.Namespace, log_dir: Path) -> Serv
     """infinity_emb v2 on the bundled MiniLM with ``engine``; waits until /health answers."""
     port = free_port()
     argv = [
-        str(ensure_peer_venv()), "v2", "--model-id", str(minilm_dir()),
+        str(ensure_peer_venv()), "v2",
+        "--model-id", str(onnx_model_dir() if engine == "optimum" else minilm_dir()),
         "--served-model-name", SERVED_NAME, "--engine", engine, "--device", "cpu",
         "--batch-size", str(args.infinity_batch_size), "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning",

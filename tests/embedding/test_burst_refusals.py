@@ -56,10 +56,10 @@ class HeldEmbedder(EmbedderBase):
 
 @pytest.fixture(scope="module")
 async def held(minilm):
-    """A server on the held engine (4 texts a batch, the default 5 s ceiling) and its hop."""
+    """A server on the held engine (4 texts a batch, a 5 s ceiling) and its hop."""
     engine = HeldEmbedder(minilm)
     hop = EmbeddingHop(embedder=engine)
-    config = make_config(embedding={"max_batch_size": 4, "max_wait_ms": 0})
+    config = make_config(embedding={"max_batch_size": 4, "max_wait_ms": 0, "max_queue_delay_ms": 5000})
     async with running(config, [hop]) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = embedding_service_pb2_grpc.EmbeddingServiceStub(channel)
