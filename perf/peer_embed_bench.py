@@ -175,8 +175,8 @@ def ensure_peer_venv() -> Path:
     return exe
 
 
-def start_infinity(engine: str, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
-    """infinity_emb v2 on the bundled MiniLM with ``engine``; waits until /health answers."""
+def launch_infinity(engine: str, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
+    """Start infinity_emb v2 on the bundled MiniLM with ``engine`` (not yet waited for)."""
     port = free_port()
     argv = [
         str(ensure_peer_venv()), "v2",
@@ -187,40 +187,53 @@ def start_infinity(engine: str, args: argparse.Namespace, log_dir: Path) -> Serv
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
-    name = f"infinity {engine}"
     log_path = log_dir / f"infinity_{engine}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    server = ServerProcess(name, "127.0.0.1", port, proc, log_path)
+    return ServerProcess(f"infinity {engine}", "127.0.0.1", port, proc, log_path)
+
+
+def wait_for_http(server: ServerProcess, timeout_s: float) -> None:
+    """Poll infinity's /health until it answers 200; RuntimeError (with its log) otherwise."""
+    assert server.proc is not None
     started = time.monotonic()
-    while time.monotonic() - started < args.startup_timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_tail(log_path)}")
+    while time.monotonic() - started < timeout_s:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{log_tail(server.log_path)}")
         try:
             with urllib.request.urlopen(f"http://{server.target}/health", timeout=2) as reply:
                 if reply.status == 200:
-                    print(f"[bench] {name} pid {proc.pid} up on {server.target} after "
+                    print(f"[bench] {server.name} pid {server.pid} up on {server.target} after "
                           f"{time.monotonic() - started:.1f}s", file=sys.stderr)
-                    return server
+                    return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    server.stop(grace_s=5)
-    raise RuntimeError(f"{name} not up after {args.startup_timeout:.0f}s:\n{log_tail(log_path)}")
+    raise RuntimeError(f"{server.name} not up after {timeout_s:.0f}s:\n{log_tail(server.log_path)}")
 
 
 @contextlib.contextmanager
 def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, ServerProcess]]:
-    """The backbone and one infinity per engine, stopped on the way out."""
+    """The backbone and one infinity per engine (all loading at once), stopped on the way out."""
     started: dict[str, ServerProcess] = {}
     try:
+        if "optimum" in args.infinity_engines:
+            onnx_model_dir()  # written before any server loads
+        for engine in args.infinity_engines:
+            started[f"infinity-{engine}"] = launch_infinity(engine, args, log_dir)
         cmd = BACKBONE_CMD + "".join(f" --set {s}" for s in args.backbone_set)
         started[BACKBONE] = start_backbone_server(cmd, log_dir, EMBED_SERVICE, args.startup_timeout,
                                                   name="backbone embedding")
-        for engine in args.infinity_engines:
-            started[f"infinity-{engine}"] = start_infinity(engine, args, log_dir)
-        yield started
+        for name, server in started.items():
+            if not name.startswith(BACKBONE):
+                wait_for_http(server, args.startup_timeout)
+        for alt in args.backbone_alt:  # other settings, side by side (reported, not judged)
+            name = f"{BACKBONE} [{alt}]"
+            started[name] = start_backbone_server(
+                cmd + "".join(f" --set {s}" for s in alt.split(",")), log_dir, EMBED_SERVICE,
+                args.startup_timeout, name=f"backbone {alt.replace('=', '_').replace(',', '_')}")
+        yield {BACKBONE: started[BACKBONE], **{k: v for k, v in started.items() if k != BACKBONE}}
     finally:
         for server in reversed(list(started.values())):
             server.stop()
@@ -236,7 +249,7 @@ def run_block(args: argparse.Namespace, name: str, server: ServerProcess, caller
               "--json-out", str(out)]
     if server.pid is not None:
         common += ["--server-pid", str(server.pid)]
-    if name == BACKBONE:
+    if name.startswith(BACKBONE):
         cmd = [sys.executable, "-m", "perf.loadgen", "embed", "--normalize", "--ignore-pushback",
                "--no-progress", *common]
     else:
@@ -283,7 +296,7 @@ def summarize(rounds: list[dict[str, Any]], names: list[str], callers: list[int]
                 "errors": sum(b["errors"] for b in blocks),
                 "rounds": len(blocks),
             }
-    peers = [n for n in names if n != BACKBONE]
+    peers = [n for n in names if not n.startswith(BACKBONE)]
     top, low = str(max(callers)), str(min(callers))
     best = max(peers, key=lambda p: table[p][top]["texts_per_s"] or 0.0) if peers else None
     checks: dict[str, Any] = {}
@@ -394,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--infinity-batch-size", type=int, default=64, help="infinity --batch-size (default 64)")
     parser.add_argument("--backbone-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a --set for the backbone server (repeatable), e.g. embedding.lanes=2")
+    parser.add_argument("--backbone-alt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="another backbone server with these --set values, measured beside "
+                        "(repeatable; reported, not judged), e.g. embedding.lanes=0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -425,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             blocks: dict[str, dict[str, Any]] = {name: {} for name in names}
             for n in callers:
                 for name in order:
-                    out = raw_dir / f"round{r}_{name}_x{n}.json"
+                    out = raw_dir / f"round{r}_{name.replace(' ', '_')}_x{n}.json"
                     blocks[name][str(n)] = block_figures(run_block(args, name, running[name], n, out))
             rounds.append({"round": r, "order": order, "blocks": blocks})
     summary = summarize(rounds, names, callers)

@@ -199,12 +199,12 @@ class DynamicBatcher(Generic[In, Out]):
     def _shed_timer(
         self, items: list[_Item[In, Out]], deadline: float | None, own_s: float, priority: Priority,
     ) -> asyncio.TimerHandle | None:
-        """Items still queued once only their own compute (and the reserve) is left of the
-        caller's deadline cannot finish in time: they are refused then (``Overloaded``, with
-        pushback), an answer before the deadline instead of DEADLINE_EXCEEDED at it. None
-        without a caller's deadline (the default one drops them at it) or when the estimate
-        never fitted (an idle hop runs such a request whatever its estimate)."""
-        delay = None if deadline is None else deadline - own_s - self._admission.reserve_s - time.monotonic()
+        """Items still queued when only their own compute and a slack (15 % of the time left,
+        5-100 ms: loaded machines run late) remain of the caller's deadline are refused then
+        (``Overloaded``, with pushback): an answer before the deadline, not DEADLINE_EXCEEDED.
+        None without a caller's deadline or when the estimate never fitted (idle hop rule)."""
+        left = None if deadline is None else deadline - time.monotonic()
+        delay = None if left is None else left - own_s - max(self._admission.reserve_s, min(0.15 * left, 0.1))
         if delay is None or delay <= 0:
             return None
 
