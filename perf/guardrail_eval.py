@@ -23,11 +23,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from router import injection, pii  # noqa: E402
-from tests.pipeline.guardrail_cases import BENIGN, INJECTION, PII  # noqa: E402
+from tests.pipeline import guardrail_cases as cases  # noqa: E402
 
 
 def evaluate(passages: list[str] | None = None) -> dict:
-    """The figures as a dict (see the module doc)."""
+    """The figures on the main set, the held-out set's beside them (see the module doc)."""
+    out = score(cases.PII, cases.INJECTION, cases.BENIGN)
+    out["heldout"] = score(cases.HELDOUT_PII, cases.HELDOUT_INJECTION, cases.HELDOUT_BENIGN)
+    if passages:
+        flagged = [p for p in passages if injection.detect(p) is not None]
+        out["msmarco_passages"] = {
+            "n": len(passages), "injection_flagged": len(flagged),
+            "false_positive_rate": len(flagged) / len(passages), "examples": flagged[:5],
+        }
+    texts = [t for t, _ in cases.PII] + [t for t, _ in cases.INJECTION] + cases.BENIGN
+    per_text = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for t in texts:
+            pii.find_pii(t)
+            injection.detect(t)
+        per_text.append((time.perf_counter() - t0) / len(texts))
+    out["us_per_text_median_of_5"] = statistics.median(per_text) * 1e6
+    return out
+
+
+def score(PII: list, INJECTION: list, BENIGN: list) -> dict:
+    """Recall per detector, false-positive rates, the misses and false positives."""
     recall: dict[str, float] = {}
     misses: list[str] = []
     for kind in pii.PII_KINDS:
@@ -56,21 +78,6 @@ def evaluate(passages: list[str] | None = None) -> dict:
         "false_positives": sorted(fp_any),
         "misses": misses,
     }
-    if passages:
-        flagged = [p for p in passages if injection.detect(p) is not None]
-        out["msmarco_passages"] = {
-            "n": len(passages), "injection_flagged": len(flagged),
-            "false_positive_rate": len(flagged) / len(passages), "examples": flagged[:5],
-        }
-    texts = [t for t, _ in PII] + [t for t, _ in INJECTION] + BENIGN
-    per_text = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for t in texts:
-            pii.find_pii(t)
-            injection.detect(t)
-        per_text.append((time.perf_counter() - t0) / len(texts))
-    out["us_per_text_median_of_5"] = statistics.median(per_text) * 1e6
     return out
 
 
@@ -84,13 +91,19 @@ def load_passages(directory: Path) -> list[str] | None:
 
 
 def markdown(r: dict) -> str:
-    """A short table of the figures."""
-    rows = [f"| {k} | {v:.3f} |" for k, v in r["recall"].items()]
-    rows += [f"| false positives ({k}) | {v:.3f} |" for k, v in r["false_positive_rate"].items()]
+    """A short table of the figures: the main set and the held-out set."""
+    h = r["heldout"]
+    c, hc = r["cases"], h["cases"]
+    rows = [f"| cases (pii / injection / benign) | {c['pii']} / {c['injection']} / {c['benign']} "
+            f"| {hc['pii']} / {hc['injection']} / {hc['benign']} |"]
+    rows += [f"| recall {k} | {v:.3f} | {h['recall'][k]:.3f} |" for k, v in r["recall"].items()]
+    rows += [f"| false positives ({k}) | {v:.3f} | {h['false_positive_rate'][k]:.3f} |"
+             for k, v in r["false_positive_rate"].items()]
     if "msmarco_passages" in r:
         m = r["msmarco_passages"]
-        rows.append(f"| injection flagged on {m['n']} MS MARCO passages | {m['false_positive_rate']:.4f} |")
-    return "| figure | value |\n|---|---|\n" + "\n".join(rows)
+        rows.append(f"| injection flagged on {m['n']} MS MARCO passages | "
+                    f"{m['false_positive_rate']:.4f} | |")
+    return "| figure | main set | held-out |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def main() -> None:
@@ -100,8 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     result = evaluate(load_passages(args.msmarco))
     print(markdown(result))
-    print("misses:", *result["misses"], sep="\n  ")
-    print("false positives:", *result["false_positives"], sep="\n  ")
+    for name, part in (("main", result), ("held-out", result["heldout"])):
+        print(f"{name} misses:", *part["misses"], sep="\n  ")
+        print(f"{name} false positives:", *part["false_positives"], sep="\n  ")
     if "msmarco_passages" in result:
         print("msmarco flagged examples:", *result["msmarco_passages"]["examples"], sep="\n  ")
     print(f"cost: {result['us_per_text_median_of_5']:.0f} us per text (PII + injection)")

@@ -26,7 +26,10 @@ from backbone.v1 import vector_search_service_pb2 as vs_pb
 from backbone.v1 import vector_search_service_pb2_grpc as vs_grpc
 from perf.guardrail_eval import evaluate, load_passages
 from router import pii
+from router.errors import InvalidArgument
 from router.guardrails import GuardrailSettings, Screen
+from router.guardrails import settings_from as guardrail_settings
+from server.config import ConfigError, load_config
 from server.engines.generator import ChatTurn, GenerationFinal, GenerationParams, TokenDelta
 from server.servicers.embedding import EmbeddingHop
 from server.servicers.generation import GenerationHop
@@ -203,6 +206,25 @@ async def test_canary_never_reaches_the_logs(tea, caplog):
     assert caplog.records, "the Answer path logged nothing at DEBUG: the test would prove nothing"
     logged = "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)
     assert CANARY not in logged and "BrandX" not in logged
+    # The switch (server.log_payloads) is what lets matched text into the logs.
+    caplog.clear()
+    Screen(GuardrailSettings(), log_text=True).question(f"mail {CANARY}@example.com")
+    assert CANARY in caplog.text
+
+
+def test_guardrails_config_from_toml(tmp_path):
+    path = tmp_path / "backbone.toml"
+    path.write_text('[pipeline.guardrails]\npii = "flag"\ncredit_card = "block"\n'
+                    'prompt_injection = "redact"\nanswer = false\n')
+    settings = guardrail_settings(load_config(path).pipeline.guardrails)
+    assert settings.policy("email") == "flag" and settings.policy("credit_card") == "block"
+    assert settings.policy("prompt_injection") == "redact" and not settings.answer
+    path.write_text('[pipeline.guardrails]\nemail = "shred"\n')
+    with pytest.raises(ConfigError, match="email"):
+        load_config(path)
+    locked = GuardrailSettings(overrides=False)
+    with pytest.raises(InvalidArgument):
+        locked.with_overrides({"prompt_injection": "off"})
 
 
 def test_detector_floors_on_the_labelled_set():
