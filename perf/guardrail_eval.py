@@ -45,7 +45,37 @@ def evaluate(passages: list[str] | None = None) -> dict:
             injection.detect(t)
         per_text.append((time.perf_counter() - t0) / len(texts))
     out["us_per_text_median_of_5"] = statistics.median(per_text) * 1e6
+    out["us_per_answer"] = answer_cost(passages or [t for t, _ in cases.INJECTION])
     return out
+
+
+ANSWER = ("Green tea is made from the unoxidised leaves of Camellia sinensis [1]. It contains "
+          "catechins [2] and some caffeine, about 30 mg per cup [3]. Write to the shop at "
+          "tea@example.com or call (415) 555-2671 for orders [4].")
+
+
+def answer_cost(passages: list[str], rounds: int = 200) -> dict:
+    """What the guardrails add to one Answer with the default policies: the question, 5
+    passages, and an answer of ``ANSWER`` streamed word by word through the redactor
+    (median and p95 over ``rounds``, microseconds)."""
+    from router.guardrails import GuardrailSettings, Screen
+
+    words = [w + " " for w in ANSWER.split(" ")]
+    times = []
+    for i in range(rounds):
+        chosen = [passages[(5 * i + j) % len(passages)] for j in range(5)]
+        t0 = time.perf_counter()
+        screen = Screen(GuardrailSettings())
+        screen.question("What is green tea made from, and how much caffeine is in it?")
+        screen.passages([type("S", (), {"id": str(j), "text": t}) for j, t in enumerate(chosen)])
+        redactor = screen.answer_stream()
+        for w in words:
+            redactor.feed(w)
+        redactor.flush()
+        times.append((time.perf_counter() - t0) * 1e6)
+    times.sort()
+    return {"p50": statistics.median(times), "p95": times[int(0.95 * len(times))],
+            "rounds": rounds, "answer_deltas": len(words)}
 
 
 def score(PII: list, INJECTION: list, BENIGN: list) -> dict:
@@ -119,6 +149,9 @@ def main() -> None:
     if "msmarco_passages" in result:
         print("msmarco flagged examples:", *result["msmarco_passages"]["examples"], sep="\n  ")
     print(f"cost: {result['us_per_text_median_of_5']:.0f} us per text (PII + injection)")
+    a = result["us_per_answer"]
+    print(f"per Answer (question + 5 passages + {a['answer_deltas']} deltas): "
+          f"p50 {a['p50']:.0f} us, p95 {a['p95']:.0f} us over {a['rounds']} rounds")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -114,6 +114,13 @@ FAMILIES: dict[str, tuple[re.Pattern[str], ...]] = {
 }
 
 
+#: One alternation per family: one scan of the text per family instead of one per pattern.
+_COMBINED = {
+    family: re.compile("|".join(f"(?:{p.pattern})" for p in patterns))
+    for family, patterns in FAMILIES.items()
+}
+
+
 def normalise(text: str) -> str:
     """Case-folded NFKC text without zero-width characters, whitespace collapsed (newlines
     kept: some markers only count at a line start)."""
@@ -126,10 +133,9 @@ def detect(text: str) -> str | None:
     """The first family whose pattern matches ``text``, or None when it looks clean."""
     folded = normalise(text)
     flat = folded.replace("\n", " ")
-    for family, patterns in FAMILIES.items():
-        for pattern in patterns:
-            if pattern.search(folded if family == "delimiter" else flat):
-                return family
+    for family, pattern in _COMBINED.items():
+        if pattern.search(folded if family == "delimiter" else flat):
+            return family
     return None
 
 
