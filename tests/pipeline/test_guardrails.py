@@ -193,6 +193,26 @@ async def test_redaction_in_the_question_and_across_answer_deltas(tea):
         ("phone", "answer", "redacted"), ("prompt_injection", "passage", "dropped")}
 
 
+async def test_block_in_the_answer_stops_the_stream_before_the_value(tea):
+    stub, gen = tea
+    gen.script = ("Write to ", f"{CANARY}@exam", "ple.com today.")
+    deltas: list[str] = []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in stub.Answer(
+                    answer_request(email=pb.GUARDRAIL_POLICY_BLOCK), timeout=60):
+                if message.WhichOneof("event") == "delta":
+                    deltas.append(message.delta.text)
+    finally:
+        gen.script = RecordingGenerator().script
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(caught.value) == "GUARDRAIL_BLOCKED"
+    carried, metadata = status_texts(caught.value)
+    assert metadata == {"detector": "email", "target": "answer"}
+    assert CANARY not in carried and CANARY not in "".join(deltas)
+    assert "".join(deltas) == "Write to "
+
+
 async def test_canary_never_reaches_the_logs(tea, caplog):
     stub, gen = tea
     gen.script = (f"Yes, {CANARY} ", "is fine [1].")
