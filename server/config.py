@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from router.guardrails import settings_from as guardrail_settings
 from retrieval.fusion import Fusion, FusionDefaults
 from server.config_spine import (
     ROUTER_BALANCERS,
@@ -450,6 +451,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"search.rrf_k {q.rrf_k} must be 1-1000000")
     _validate_routing(config.routing)
     _validate_router(config.router)
+    try:
+        guardrail_settings(config.pipeline.guardrails)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _validate_routing(r: RoutingConfig) -> None:
