@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -206,10 +207,26 @@ def _replica_cmd(delay_ms: float) -> str:
     return f"{{python}} -m perf.router_bench replica --port {{port}} --delay-ms {delay_ms}"
 
 
-def _router_cmd(upstreams: dict[str, list[str]], balancer: str = "p2c") -> str:
+def _router_cmd(upstreams: dict[str, list[str]], balancer: str = "p2c", code: Path | None = None) -> str:
+    """``backbone serve router`` over ``upstreams``; from the source tree ``code`` (an
+    export of another commit, for a before/after in the same run) when given."""
     ups = " ".join(f"--upstream {s}={','.join(a)}" for s, a in upstreams.items())
-    return ("{python} -m server.main serve router --port {port} --set server.metrics_port=0 "
+    if code is None:
+        entry = "{python} -m server.main"
+    else:  # run server.main from that tree: its directory first on sys.path
+        entry = ("{python} -c 'import os,runpy,sys; d=sys.argv.pop(1); os.chdir(d); sys.path.insert(0, d); "
+                 f"runpy.run_module(\"server.main\", run_name=\"__main__\", alter_sys=True)' {code}")
+    return (f"{entry} serve router --port {{port}} --set server.metrics_port=0 "
             f"--set server.log_level=WARNING --set router.balancer={balancer} {ups}")
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used: a cost per call that waiting on a
+    busy machine does not inflate the way latency is inflated."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _med(values: list[float]) -> float:
@@ -225,11 +242,14 @@ async def overhead(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # 
     ups = {s: [replica.target] for s in ("embedding", "search", "generation")}
     router = _start(_router_cmd(ups), log_dir, "router", "backbone.v1.EmbeddingService")
     procs.append(router)
-    channels = {"direct": grpc.aio.insecure_channel(replica.target),
-                "proxy": grpc.aio.insecure_channel(proxy.target),
-                "router": grpc.aio.insecure_channel(router.target)}
+    servers = {"direct": replica, "proxy": proxy, "router": router}
+    if args.baseline_code is not None:
+        servers["router_baseline"] = _start(_router_cmd(ups, code=args.baseline_code), log_dir,
+                                            "router baseline", "backbone.v1.EmbeddingService")
+        procs.append(servers["router_baseline"])
+    channels = {name: grpc.aio.insecure_channel(p.target) for name, p in servers.items()}
     ops = {"embed": EMBED, "search": SEARCH, "generate_ttft": GENERATE}
-    rounds: dict[tuple[str, int, str], list[tuple[float, float, int]]] = {}
+    rounds: dict[tuple[str, int, str], list[tuple[float, float, int, float]]] = {}
     for name, path in ops.items():
         for target, ch in channels.items():
             await load(_caller(ch, path), 0.5, 4)  # warm-up: connections, EWMAs
@@ -237,11 +257,14 @@ async def overhead(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # 
     for r in range(args.rounds):
         for op, path in ops.items():
             for callers in args.callers:
-                order = names[r % 3:] + names[:r % 3]
+                order = names[r % len(names):] + names[:r % len(names)]
                 for target in order:
+                    pid = servers[target].pid
+                    cpu = _cpu_s(pid)
                     lat = await load(_caller(channels[target], path), args.seconds, callers)
+                    cpu_us = (_cpu_s(pid) - cpu) / max(1, len(lat)) * 1e6
                     rounds.setdefault((op, callers, target), []).append(
-                        (pct(lat, 0.5), pct(lat, 0.99), len(lat)))
+                        (pct(lat, 0.5), pct(lat, 0.99), len(lat), cpu_us))
         print(f"[bench] overhead round {r + 1}/{args.rounds} done", file=sys.stderr)
     result: dict = {}
     for op in ops:
@@ -251,7 +274,8 @@ async def overhead(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # 
             for target in names:
                 got = rounds[(op, callers, target)]
                 cell[target] = {"p50_ms": _med([g[0] for g in got]), "p99_ms": _med([g[1] for g in got]),
-                                "calls": sum(g[2] for g in got)}
+                                "calls": sum(g[2] for g in got),
+                                "server_cpu_us_per_call": round(statistics.median(g[3] for g in got))}
                 if target != "direct":
                     cell[target]["added_p50_ms"] = _med([g[0] - b[0] for g, b in zip(got, base)])
                     cell[target]["added_p99_ms"] = _med([g[1] - b[1] for g, b in zip(got, base)])
@@ -345,12 +369,16 @@ def markdown(report: dict) -> str:
     lines = []
     if "overhead" in report:
         lines += ["| call @ callers | direct p50/p99 | bare proxy p50/p99 (added p50) | router p50/p99 "
-                  "(added p50 / p99) | router - proxy p50 |", "|---|---|---|---|---|"]
+                  "(added p50 / p99) | router - proxy p50 | CPU us/call proxy / router | "
+                  "baseline router p50 (added) / CPU |", "|---|---|---|---|---|---|---|"]
         for key, c in report["overhead"].items():
             d, p, r = c["direct"], c["proxy"], c["router"]
+            b = c.get("router_baseline")
+            base = f"{b['p50_ms']} (+{b['added_p50_ms']}) / {b['server_cpu_us_per_call']}" if b else "-"
             lines.append(f"| {key} | {d['p50_ms']} / {d['p99_ms']} | {p['p50_ms']} / {p['p99_ms']} "
                          f"(+{p['added_p50_ms']}) | {r['p50_ms']} / {r['p99_ms']} (+{r['added_p50_ms']} / "
-                         f"+{r['added_p99_ms']}) | {c['router_minus_proxy_p50_ms']} |")
+                         f"+{r['added_p99_ms']}) | {c['router_minus_proxy_p50_ms']} | "
+                         f"{p['server_cpu_us_per_call']} / {r['server_cpu_us_per_call']} | {base} |")
     if "slow" in report:
         lines += ["", "| callers | router (slow) p50/p99 | round_robin p50/p99 | router all healthy p50/p99 "
                   "| slow share | p99 slow/healthy | p99 rr/router |", "|---|---|---|---|---|---|---|"]
@@ -381,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slow-factor", type=float, default=5.0)
     ap.add_argument("--slow-callers", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--baseline-code", type=Path, default=None,
+                    help="a source tree of another commit (git archive): its router is a 4th "
+                         "overhead target, for a before/after in the same run")
     args = ap.parse_args(argv)
     try:
         import uvloop
