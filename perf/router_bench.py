@@ -1,5 +1,9 @@
 """Router benchmark, every server its own process (started through ``perf.harness``).
 
+Scenario ``policy``: the routing policy's own cost per call (``ReplicaSet.run`` with an
+attempt that answers at once, one and three replicas), this tree against another
+commit's (``--baseline-code``, a ``git archive`` export), alternating fresh processes.
+
 Scenario ``overhead``: one bench replica (this file's ``replica`` command: Embed, Search
 and Generate answered from canned bytes after an injected delay, load report in the
 trailers like a real hop) called three ways in the same run: directly, through a bare
@@ -16,6 +20,8 @@ delay), behind (a) the router (p2c), (b) gRPC's own ``round_robin`` over the sam
 share of the router's calls comes from ``RouterService.ListEndpoints``.
 
     .venv/bin/python -m perf.router_bench --out perf/results/router.json
+    git archive <commit> | tar -x -C /tmp/before   # optional: a before/after in the same run
+    .venv/bin/python -m perf.router_bench --baseline-code /tmp/before
 """
 
 from __future__ import annotations
@@ -306,22 +312,30 @@ async def slow(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # noqa
             "ipv4:" + ",".join(addrs), options=[("grpc.service_config", rr)]),
         "router_all_healthy": grpc.aio.insecure_channel(r_healthy.target),
     }
+    if args.baseline_code is not None:  # another commit's router over the same three
+        r_base = _start(_router_cmd({"embedding": addrs}, code=args.baseline_code), log_dir,
+                        "router baseline mixed", "backbone.v1.EmbeddingService")
+        procs.append(r_base)
+        channels["router_baseline_slow"] = grpc.aio.insecure_channel(r_base.target)
     for ch in channels.values():
         await load(_caller(ch, EMBED), 1.0, 2)
     names = list(channels)
     result: dict = {}
+    routers = [n for n in ("router_p2c_slow", "router_baseline_slow") if n in channels]
     for callers in args.slow_callers:
-        before = await _calls(channels["router_p2c_slow"])
+        before = {n: await _calls(channels[n]) for n in routers}
         per: dict[str, list[tuple[float, float, int]]] = {n: [] for n in names}
         for r in range(args.rounds):
-            for target in names[r % 3:] + names[:r % 3]:
+            for target in names[r % len(names):] + names[:r % len(names)]:
                 lat = await load(_caller(channels[target], EMBED), args.seconds * 2, callers)
                 per[target].append((pct(lat, 0.5), pct(lat, 0.99), len(lat)))
-        after = await _calls(channels["router_p2c_slow"])
-        calls = {a: after.get(a, 0) - before.get(a, 0) for a in after}
         cell = {n: {"p50_ms": _med([g[0] for g in v]), "p99_ms": _med([g[1] for g in v]),
                     "calls": sum(g[2] for g in v)} for n, v in per.items()}
-        cell["slow_replica_share"] = round(calls.get(addrs[2], 0) / max(1, sum(calls.values())), 4)
+        for n in routers:
+            after = await _calls(channels[n])
+            calls = {a: after.get(a, 0) - before[n].get(a, 0) for a in after}
+            cell[n]["slow_replica_share"] = round(calls.get(addrs[2], 0) / max(1, sum(calls.values())), 4)
+        cell["slow_replica_share"] = cell["router_p2c_slow"]["slow_replica_share"]
         cell["p99_router_slow_over_all_healthy"] = round(
             _med([a[1] / b[1] for a, b in zip(per["router_p2c_slow"], per["router_all_healthy"])]), 2)
         cell["p99_round_robin_over_router"] = round(
@@ -330,6 +344,58 @@ async def slow(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # noqa
         print(f"[bench] slow, {callers} callers done", file=sys.stderr)
     for ch in channels.values():
         await ch.close()
+    return result
+
+
+#: The policy's own cost per call: ReplicaSet.run with an attempt that answers at once,
+#: through the production builder and metrics hooks; printed as JSON (us per call).
+POLICY_MICRO = """
+import asyncio, json, sys, time
+from server.config import RouterConfig
+from server.router.upstream_pool import build_replica_set
+from server.router import metrics
+async def main(calls):
+    out = {}
+    for n in (1, 3):
+        rs = build_replica_set("backbone.v1.EmbeddingService", RouterConfig(outlier_ratio=1e9))
+        metrics.watch_set(rs)
+        for i in range(n):
+            rs.add(f"r{i}:1").healthy = True
+        async def attempt(ep, timeout):
+            return b"", ()
+        for _ in range(calls // 5):
+            await rs.run(attempt, deadline=time.monotonic() + 5, replay=True, hedge=True)
+        began = time.perf_counter()
+        for _ in range(calls):
+            await rs.run(attempt, deadline=time.monotonic() + 5, replay=True, hedge=True)
+        out[f"{n}_replicas"] = (time.perf_counter() - began) / calls * 1e6
+    print(json.dumps(out))
+import uvloop
+uvloop.run(main(int(sys.argv[1])))
+"""
+
+
+def policy(args) -> dict:  # noqa: ANN001
+    """The policy's cost per call (us), this tree vs ``--baseline-code``, alternating
+    rounds, each in its own fresh process."""
+    import subprocess
+
+    trees = {"current": REPO_ROOT}
+    if args.baseline_code is not None:
+        trees["baseline"] = args.baseline_code.resolve()
+    got: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(tree))
+            done = subprocess.run([sys.executable, "-c", POLICY_MICRO, "20000"], cwd=tree, env=env,
+                                  capture_output=True, text=True, check=True)
+            got[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {name: {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+              for name, runs in got.items()}
+    if "baseline" in result:
+        result["baseline_over_current"] = {
+            k: round(statistics.median(b[k] / c[k] for b, c in zip(got["baseline"], got["current"])), 2)
+            for k in got["current"][0]}
     return result
 
 
@@ -353,6 +419,8 @@ async def bench(args) -> dict:  # noqa: ANN001
                 f"{args.slow_base_ms * args.slow_factor} ms", "load_average_start": _load_avg()}}
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         try:
+            if "policy" in args.scenarios:
+                report["policy_us_per_call"] = policy(args)
             if "overhead" in args.scenarios:
                 report["overhead"] = await overhead(args, Path(tmp), procs)
             if "slow" in args.scenarios:
@@ -387,6 +455,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key} | {a['p50_ms']} / {a['p99_ms']} | {b['p50_ms']} / {b['p99_ms']} | "
                          f"{h['p50_ms']} / {h['p99_ms']} | {c['slow_replica_share'] * 100:.2f} % | "
                          f"{c['p99_router_slow_over_all_healthy']} | {c['p99_round_robin_over_router']} |")
+            z = c.get("router_baseline_slow")
+            if z:
+                lines.append(f"| {key}, baseline router | {z['p50_ms']} / {z['p99_ms']} | | | "
+                             f"{z['slow_replica_share'] * 100:.2f} % | | |")
     return "\n".join(lines)
 
 
@@ -400,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     prx = sub.add_parser("proxy", help="serve the bare byte-forwarding proxy")
     prx.add_argument("--port", type=int, required=True)
     prx.add_argument("--upstream", required=True)
-    ap.add_argument("--scenarios", nargs="+", default=["overhead", "slow"], choices=["overhead", "slow"])
+    ap.add_argument("--scenarios", nargs="+", default=["policy", "overhead", "slow"], choices=["policy", "overhead", "slow"])
     ap.add_argument("--seconds", type=float, default=2.0, help="per target and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--callers", type=int, nargs="+", default=[1, 16])
