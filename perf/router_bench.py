@@ -167,12 +167,9 @@ def _caller(channel: grpc.aio.Channel, path: str) -> Callable[[], Awaitable[floa
         stream = channel.unary_stream(path)
 
         async def ttft() -> float:
-            began = time.perf_counter()
-            call = stream(request, timeout=10)
-            first = None
-            async for _ in call:
-                if first is None:
-                    first = time.perf_counter() - began
+            began, first = time.perf_counter(), None
+            async for _ in stream(request, timeout=10):
+                first = first if first is not None else time.perf_counter() - began
             return first
 
         return ttft
@@ -206,7 +203,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def _start(cmd: str, log_dir: Path, name: str, service: str = "") -> ServerProcess:
-    return start_backbone_server(cmd, log_dir, service, 120.0, name=name)
+    return start_backbone_server(cmd, log_dir, service, 120.0, name=name)  # SERVING, or its log
 
 
 def _replica_cmd(delay_ms: float) -> str:
@@ -256,8 +253,8 @@ async def overhead(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # 
     channels = {name: grpc.aio.insecure_channel(p.target) for name, p in servers.items()}
     ops = {"embed": EMBED, "search": SEARCH, "generate_ttft": GENERATE}
     rounds: dict[tuple[str, int, str], list[tuple[float, float, int, float]]] = {}
-    for name, path in ops.items():
-        for target, ch in channels.items():
+    for path in ops.values():
+        for ch in channels.values():
             await load(_caller(ch, path), 0.5, 4)  # warm-up: connections, EWMAs
     names = list(channels)
     for r in range(args.rounds):
@@ -295,9 +292,8 @@ async def overhead(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # 
 
 async def slow(args, log_dir: Path, procs: list[ServerProcess]) -> dict:  # noqa: ANN001
     base = args.slow_base_ms
-    mixed = []
-    for i, ms in enumerate((base, base, base * args.slow_factor)):
-        mixed.append(_start(_replica_cmd(ms), log_dir, f"mixed replica {i}"))
+    mixed = [_start(_replica_cmd(ms), log_dir, f"mixed replica {i}")
+             for i, ms in enumerate((base, base, base * args.slow_factor))]
     healthy = [_start(_replica_cmd(base), log_dir, f"healthy replica {i}") for i in range(3)]
     procs.extend(mixed + healthy)
     addrs, haddrs = [p.target for p in mixed], [p.target for p in healthy]
@@ -405,10 +401,7 @@ async def _calls(channel: grpc.aio.Channel) -> dict[str, int]:
 
 
 def _load_avg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 async def bench(args) -> dict:  # noqa: ANN001
@@ -485,11 +478,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="a source tree of another commit (git archive): its router is a 4th "
                          "overhead target, for a before/after in the same run")
     args = ap.parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a core dependency
-        uvloop = None
-    run = uvloop.run if uvloop is not None else asyncio.run
+    import uvloop  # a core dependency
+
+    run = uvloop.run
     if args.command == "replica":
         run(_serve(args.port, _Replica(args.delay_ms / 1e3, args.token_ms / 1e3)))
         return
