@@ -65,7 +65,9 @@ class Balancer:
         if self.policy == "least_request":
             low = min(ep.in_flight for ep in candidates)
             return self.rng.choice([ep for ep in candidates if ep.in_flight == low])
-        a, b = self.rng.sample(list(candidates), 2)
+        n = len(candidates)  # a uniform random pair (random.sample costs more than the pick)
+        i, j = self.rng.randrange(n), self.rng.randrange(n - 1)
+        a, b = candidates[i], candidates[j + (j >= i)]
         default = _default_per_unit(candidates)
         return a if cost(a, units, default) <= cost(b, units, default) else b
 
