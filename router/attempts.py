@@ -238,6 +238,8 @@ class ReplicaSet:
                         won = True
                         self._settle(ep, token, units, None, given, keep_open=keep_open,
                                      first_message=first_message)
+                        if running:  # a race won: judge the losers by their calls' age now,
+                            self._check_outliers(force=True)  # before they are cancelled
                         return win
                     self._settle(ep, token, units, exc, given)
                     last = exc
