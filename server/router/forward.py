@@ -193,12 +193,23 @@ class Forwarder:
         except AttemptError as err:
             await relay(context, err)
         call, message = win.value
-        relayed = _relay_stream(rs, win, call, message, context)
+        # The relay, inline (one generator layer less per message than _relay_stream).
+        error: AttemptError | None = None
+        caller_left = True
         try:
-            async for item in relayed:
-                yield item
-        finally:  # closed early (caller gone): the relay's own cleanup must run now
-            await relayed.aclose()
+            while message is not grpc.aio.EOF:
+                yield message
+                message = await call.read()
+            context.set_trailing_metadata(returned_metadata(await call.trailing_metadata()))
+            caller_left = False
+        except grpc.aio.AioRpcError as exc:
+            error = attempt_error(exc)
+            caller_left = False
+            await relay(context, error)
+        finally:
+            if caller_left and not call.done():
+                call.cancel()  # the caller went away (cancel, deadline, disconnect): so does the replica's call
+            rs.finish_stream(win, error, caller_cancelled=caller_left)
 
     async def _client_stream(self, service: str, method: str, requests, context) -> bytes:
         pool, rs = self._set(service)
