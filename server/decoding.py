@@ -21,6 +21,7 @@ whatever is stored can also be sent back inside any response.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -152,6 +153,36 @@ async def checked_requests(
             "the request stream ended without a message; send at least one",
             reason="EMPTY_INPUT", metadata={"method": quote(method)},
         )
+
+
+# After a client stream's call has failed, the rest of the stream is read and dropped for
+# at most this long / this many messages before the status is sent (see drain_requests).
+DRAIN_S = 1.0
+DRAIN_MESSAGES = 4096
+
+
+async def drain_requests(
+    requests: AsyncIterator[Any], limit_s: float = DRAIN_S, max_messages: int = DRAIN_MESSAGES
+) -> int:
+    """Read and drop what is left of a request stream whose call has already failed;
+    returns how many messages were dropped.
+
+    Why: a call that ends while its client is still writing (the error came at message 1
+    of 3) races the client's writes; grpc-python's client then reports the failed write,
+    ``INTERNAL "Internal error from Core"``, instead of the status the server sent (seen
+    in ~1 of 10 such EmbedStream calls). Reading the stream to its end first lets every
+    write land, so the client gets the real status. Bounded in time and count, so a client
+    that never half-closes only delays its own error."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(limit_s):
+            async for _ in requests:
+                dropped += 1
+                if dropped >= max_messages:
+                    break
+    except (TimeoutError, Exception):  # noqa: BLE001 - the call's outcome is decided already
+        pass
+    return dropped
 
 
 def check_struct_depth(struct: struct_pb2.Struct, field: str, limit: int = MAX_STRUCT_DEPTH) -> None:

@@ -24,6 +24,7 @@ from server.decoding import (
     check_enums,
     checked_requests,
     decode_error,
+    drain_requests,
     safe_deserializer,
 )
 from router.errors import quote
@@ -199,6 +200,8 @@ def _around(
                         raise  # the caller left: nothing to answer
                     await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
                 except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                    if streaming_in:
+                        await drain_requests(request)
                     if _is_abort(exc):
                         raise
                     await abort_with(context, _as_backbone_error(exc, method))
@@ -224,6 +227,8 @@ def _around(
                     raise  # the caller left: nothing to answer
                 await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
             except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                if streaming_in:
+                    await drain_requests(request)  # see server.decoding.drain_requests
                 if _is_abort(exc):
                     raise
                 await abort_with(context, _as_backbone_error(exc, method))
