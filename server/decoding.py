@@ -155,14 +155,17 @@ async def checked_requests(
         )
 
 
-# After a client stream's call has failed, the rest of the stream is read and dropped for
-# at most this long / this many messages before the status is sent (see drain_requests).
+# After a client stream's call has failed, the rest of the stream is read and dropped
+# while messages keep arriving (each within DRAIN_IDLE_S of the last), for at most
+# DRAIN_S / DRAIN_MESSAGES, before the status is sent (see drain_requests).
+DRAIN_IDLE_S = 0.05
 DRAIN_S = 1.0
 DRAIN_MESSAGES = 4096
 
 
 async def drain_requests(
-    requests: AsyncIterator[Any], limit_s: float = DRAIN_S, max_messages: int = DRAIN_MESSAGES
+    requests: AsyncIterator[Any], limit_s: float = DRAIN_S, max_messages: int = DRAIN_MESSAGES,
+    idle_s: float = DRAIN_IDLE_S,
 ) -> int:
     """Read and drop what is left of a request stream whose call has already failed;
     returns how many messages were dropped.
@@ -170,17 +173,18 @@ async def drain_requests(
     Why: a call that ends while its client is still writing (the error came at message 1
     of 3) races the client's writes; grpc-python's client then reports the failed write,
     ``INTERNAL "Internal error from Core"``, instead of the status the server sent (seen
-    in ~1 of 10 such EmbedStream calls). Reading the stream to its end first lets every
-    write land, so the client gets the real status. Bounded in time and count, so a client
-    that never half-closes only delays its own error."""
+    in ~1 of 10 such EmbedStream calls). Reading the messages already on their way first
+    lets those writes land, so the client gets the real status. It stops at the end of
+    the stream, at a pause of ``idle_s`` (an interactive bidi client waiting for an answer
+    before it writes again gets its error that much later, no more), or at the bounds."""
     dropped = 0
+    iterator = aiter(requests)
     try:
         async with asyncio.timeout(limit_s):
-            async for _ in requests:
+            while dropped < max_messages:
+                await asyncio.wait_for(anext(iterator), idle_s)
                 dropped += 1
-                if dropped >= max_messages:
-                    break
-    except (TimeoutError, Exception):  # noqa: BLE001 - the call's outcome is decided already
+    except (TimeoutError, StopAsyncIteration, Exception):  # noqa: BLE001 - outcome decided
         pass
     return dropped
 
