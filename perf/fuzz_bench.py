@@ -17,7 +17,8 @@ default: every hop, the bundled models, a fresh data directory) through
 3. **churn**: ``--churn-seconds`` (30) of create/delete of one collection against
    concurrent describe/list/search/get/upsert (``tests/fuzz/churn.py``): zero INTERNAL,
    every point acknowledged into the last incarnation readable.
-4. **restart**: the server is stopped and started on the same data directory; every
+4. **restart**: the server is stopped and started on the same data directory (the hops
+   that own it: embedding and search); every
    collection must load (describe OK), the churn's acknowledged points and the known
    collection's points must be readable, and the start must log no ERROR.
 
@@ -60,9 +61,8 @@ from perf.fuzz_cases import (
     Target,
     contract_methods,
     draw_cases,
-    send,
-    send_and_judge,
 )
+from perf.fuzz_client import send, send_and_judge
 from perf.harness import REPO_ROOT, ServerProcess, start_backbone_server
 from perf.report import markdown_table, write_json
 
@@ -70,6 +70,14 @@ DEFAULT_SERVER_CMD = (
     "{python} -m server.main serve --port {port} --set server.metrics_port=0 "
     "--set search.data_dir={data}"
 )
+# The restart re-opens the data directory with the hops that own it (embedding for text,
+# search for the collections): no generation engine to load, so a restart on a box
+# whose memory other work has taken still tests what it is for.
+RESTART_CMD = (
+    "{python} -m server.main serve embedding search --port {port} --set server.metrics_port=0 "
+    "--set search.data_dir={data}"
+)
+FAKE_SERVER_CMD = "{python} -m perf.fuzz_server --port {port} --data {data}"
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
 CHUNK = 500
 MAX_LOG_GROWTH = 100 * 1024  # bytes over the undecodable phase
@@ -262,7 +270,7 @@ def judged(result: dict[str, Any]) -> dict[str, bool]:
 def markdown(result: dict[str, Any]) -> str:
     f, u, c, r = result["fuzz"], result["undecodable"], result["churn"], result["restart"]
     out = [f"# Fuzz run ({result['when']}, load average at start {result['load_average']})\n",
-           f"Server: `{result['server_cmd']}` (real models), client in its own process, "
+           f"Server: `{result['server_cmd']}`, client in its own process, "
            f"{result['concurrency']} callers.\n"]
     out.append(markdown_table(["check", "result"], [[k, "met" if v else "**not met**"] for k, v in result["judged"].items()]))
     out.append(f"\n## Fuzz: {f['requests']:,} requests in {f['seconds']} s\n")
@@ -296,23 +304,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     server: ServerProcess = start_backbone_server(command, raw, "", args.startup_timeout, name="fuzz server")
+    partial = args.out_dir / "fuzz.partial.json"
     try:
         async with grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
             target = await setup(channel)
             result["target"] = {"dimension": target.dimension, "models": list(target.models)}
             result["fuzz"] = await fuzz_phase(channel, target, args.requests, args.concurrency, args.seed)
+            write_json(partial, result)
             result["undecodable"] = await undecodable_phase(channel, server.log_path, args.undecodable, args.concurrency)
+            write_json(partial, result)
             result["churn"] = await churn_phase(channel, args.churn_seconds)
+            write_json(partial, result)
     finally:
         server.stop()
     first_log = server.log_path.read_bytes()
-    second = start_backbone_server(command, raw, "", args.startup_timeout, name="fuzz server restarted")
+    restart = (args.restart_cmd or (FAKE_SERVER_CMD if args.fake_engines else RESTART_CMD)).replace("{data}", str(data))
+    result["restart_cmd"] = args.restart_cmd or (FAKE_SERVER_CMD if args.fake_engines else RESTART_CMD)
+    final_acked = result["churn"].pop("final_acked")
     try:
-        async with grpc.aio.insecure_channel(second.target, options=CHANNEL_OPTIONS) as channel:
-            result["restart"] = await restart_check(channel, result["churn"].pop("final_acked"))
-        result["restart"]["start_errors"] = _log_errors(second.log_path)
-    finally:
-        second.stop()
+        second = start_backbone_server(restart, raw, "", args.startup_timeout, name="fuzz server restarted")
+    except RuntimeError as exc:  # e.g. no memory left for the engines on a shared box
+        result["restart"] = {"failed_to_start": str(exc)[-2000:], "describe_failed": ["not started"],
+                             "churn_acknowledged_readable": 0, "churn_acknowledged": len(final_acked),
+                             "known_points_readable": 0, "start_errors": [], "collections": 0}
+    else:
+        try:
+            async with grpc.aio.insecure_channel(second.target, options=CHANNEL_OPTIONS) as channel:
+                result["restart"] = await restart_check(channel, final_acked)
+            result["restart"]["start_errors"] = _log_errors(second.log_path)
+        finally:
+            second.stop()
     result["server_log_bytes"] = len(first_log)
     result["server_log_error_lines"] = _log_errors(server.log_path)[:20]
     shutil.rmtree(data, ignore_errors=True)
@@ -329,9 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
                         help="{python}, {port} and {data} (a fresh data directory) are filled in")
+    parser.add_argument("--restart-cmd", default="",
+                        help=f"the restart on the same data (default: {RESTART_CMD})")
+    parser.add_argument("--fake-engines", action="store_true",
+                        help=f"serve the embedded default with fake engines ({FAKE_SERVER_CMD})")
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
+    if args.fake_engines:
+        args.server_cmd = FAKE_SERVER_CMD
     result = asyncio.run(run(args))
     write_json(args.out_dir / "fuzz.json", result)
     text = markdown(result)

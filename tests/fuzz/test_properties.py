@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 from backbone.v1 import common_pb2
 from backbone.v1 import vector_search_service_pb2 as vs
 from backbone.v1 import vector_search_service_pb2_grpc as vs_grpc
-from perf.fuzz_cases import CHANNEL_OPTIONS, Case, Target, cases, contract_methods, send_and_judge
+from perf.fuzz_cases import CHANNEL_OPTIONS, Case, Target, cases, contract_methods
+from perf.fuzz_client import send_and_judge
 from server.engines.generator import model_specs
 from server.router.hop import RouterHop
 from tests.conftest import make_config, running
