@@ -156,10 +156,11 @@ async def checked_requests(
 
 
 # After a client stream's call has failed, the rest of the stream is read and dropped
-# while messages keep arriving (each within DRAIN_IDLE_S of the last), for at most
-# DRAIN_S / DRAIN_MESSAGES, before the status is sent (see drain_requests).
-DRAIN_IDLE_S = 0.05
-DRAIN_S = 1.0
+# while messages keep arriving (each within DRAIN_IDLE_S of the last; a client stream
+# with one response waits for the half-close), for at most DRAIN_S / DRAIN_MESSAGES,
+# before the status is sent (see drain_requests).
+DRAIN_IDLE_S = 0.25
+DRAIN_S = 2.0
 DRAIN_MESSAGES = 4096
 
 
@@ -176,7 +177,8 @@ async def drain_requests(
     in ~1 of 10 such EmbedStream calls). Reading the messages already on their way first
     lets those writes land, so the client gets the real status. It stops at the end of
     the stream, at a pause of ``idle_s`` (an interactive bidi client waiting for an answer
-    before it writes again gets its error that much later, no more), or at the bounds."""
+    before it writes again gets its error that much later, no more; 50 ms was too short
+    for a 1 MB message on a loaded box), or at the bounds."""
     dropped = 0
     iterator = aiter(requests)
     try:

@@ -211,3 +211,17 @@ async def test_the_log_after_10000_undecodable_requests_is_under_100_kib(default
     log_text = captured_log.getvalue()
     assert len(log_text.encode()) < 100 * 1024, len(log_text)
     assert "Traceback" not in log_text
+
+
+async def test_a_bad_first_message_then_a_1_mb_one_in_a_bidi_stream_is_invalid_argument(default_server):
+    """Found by the fuzz bench on the real default: an empty EmbedStream message (no
+    request) then a 1 MB one; the 1 MB message took longer than the first drain's 50 ms
+    pause to arrive on a loaded box, and the client saw INTERNAL."""
+    from backbone.v1 import embedding_service_pb2 as emb
+
+    _, channel = default_server
+    big = emb.EmbedStreamRequest(id="2", request=emb.EmbedRequest(inputs=["z" * 1_000_000])).SerializeToString()
+    for _ in range(5):
+        code, err = await raw_call(channel, EMB + "EmbedStream", True, True, [b"", big])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, err and err.details())
+        check_error(err)
