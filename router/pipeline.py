@@ -242,6 +242,8 @@ class Pipeline:
             if hit is None and r.mode == DENSE:
                 embedded = await self._embed(r.query, deadline)
                 hit = cache.lookup_semantic(partition, r.query, embedded.vectors[0])
+            elif hit is None:
+                cache.stats.misses += 1  # no semantic lookup without the query's embedding
             if hit is not None:
                 timings = [embedded.timing] if embedded is not None else []
                 timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))

@@ -28,6 +28,7 @@ from router.hop_api import DENSE, HYBRID, KEYWORD, Delta
 from router.pipeline import AnswerFinal, AnswerSpec, Pipeline, Source, retrieve_spec
 from router.prompt_packing import DEFAULT_SYSTEM_PROMPT
 from router.semantic_cache import CacheSettings, SemanticCache
+from server import metrics
 from server.calls import deadline_of
 from server.hop import HopContext
 from server.upstream import Upstreams, timing_to_proto
@@ -132,6 +133,7 @@ class PipelineHop:
             max_bytes=int(cfg.cache_max_mb * 1024 * 1024), ttl_s=cfg.cache_ttl_s,
             threshold=cfg.cache_threshold,
         ))
+        metrics.watch_cache(self.cache)
         self.pipeline = Pipeline(
             self._upstreams, default_system_prompt=cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
             cache=self.cache,
@@ -166,6 +168,7 @@ class PipelineServicer(pb_grpc.PipelineServiceServicer):
     async def Retrieve(self, request, context):  # noqa: N802 - gRPC method name
         """Embed, search, rerank; the sources with every hop's timing."""
         retrieved = await self.hop.require().retrieve(spec_from(request), deadline_of(context))
+        metrics.observe_degradations(retrieved.degradations)
         return pb.RetrieveResponse(
             sources=[source_to_proto(s) for s in retrieved.sources],
             timings=[timing_to_proto(t) for t in retrieved.timings],
@@ -185,6 +188,7 @@ class PipelineServicer(pb_grpc.PipelineServiceServicer):
                         text=event.text, token_ids=event.token_ids
                     ))
                 elif isinstance(event, AnswerFinal):
+                    metrics.observe_degradations(event.degradations)
                     yield final_to_proto(event)
                 else:
                     yield pb.AnswerResponse(

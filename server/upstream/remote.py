@@ -53,6 +53,8 @@ class _Remote:
     """A channel to one upstream address; the subclass names the hop and its stub."""
 
     hop = ""
+    #: grpc.aio client interceptors of the channel (the upstream layer sets OpenTelemetry's).
+    interceptors: tuple = ()
 
     def __init__(self, config: Config, address: str) -> None:
         self._config = config
@@ -65,7 +67,7 @@ class _Remote:
     def channel(self) -> grpc.aio.Channel:
         """The channel (opened on first use)."""
         if self._channel is None:
-            self._channel = open_aio_channel(self.options)
+            self._channel = open_aio_channel(self.options, list(self.interceptors) or None)
         return self._channel
 
     def _kwargs(self, deadline: float | None) -> dict:
