@@ -26,6 +26,8 @@ from backbone.v1 import (
 from router.errors import InvalidArgument, Unavailable
 from router.hop_api import DENSE, HYBRID, KEYWORD, Delta
 from router.pipeline import AnswerFinal, AnswerSpec, Pipeline, Source, retrieve_spec
+from router.budget import SmallTier
+from router.model_routing import tiers_from
 from router.prompt_packing import DEFAULT_SYSTEM_PROMPT
 from router.semantic_cache import CacheSettings, SemanticCache
 from server import metrics
@@ -113,6 +115,16 @@ def final_to_proto(final: AnswerFinal) -> pb.AnswerResponse:
     ))
 
 
+def small_tier_of(tiers_config) -> SmallTier | None:
+    """The cheapest complexity-ranged tier of ``[routing.tiers]`` (deadline budget step 3),
+    or None with fewer than two ranged tiers."""
+    ranged = [t for t in tiers_from(tiers_config) if t.scores is not None]
+    if len(ranged) < 2:
+        return None
+    cheapest = min(ranged, key=lambda t: t.cost)
+    return SmallTier(cheapest.name, cheapest.model, cheapest.max_tokens_cap)
+
+
 class PipelineHop:
     """Serves PipelineService; needs the other hops in-process or at ``[upstream]``."""
 
@@ -136,7 +148,7 @@ class PipelineHop:
         metrics.watch_cache(self.cache)
         self.pipeline = Pipeline(
             self._upstreams, default_system_prompt=cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
-            cache=self.cache,
+            cache=self.cache, small_tier=small_tier_of(ctx.config.routing.tiers),
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -38,7 +38,7 @@ from router.hop_api import (
 )
 from server.config import Config
 from server.upstream.local import search_request, searched_from
-from server.upstream.wire import client_options, timeout_for, upstream_error
+from server.upstream.wire import cap_max_tokens, client_options, timeout_for, upstream_error
 
 # Remote embedding calls carry at most this many texts (the embedding hop's default cap).
 REMOTE_EMBED_BATCH = 256
@@ -173,6 +173,7 @@ class RemoteGeneration(_Remote):
         )
         if call.sampling is not None:
             request.sampling.CopyFrom(call.sampling)
+        cap_max_tokens(request.sampling, call.max_tokens_cap)
         stream = stub.Generate(request, **self._kwargs(deadline))
         try:
             async for message in stream:
