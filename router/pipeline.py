@@ -170,6 +170,8 @@ class Pipeline:
         self.upstream = upstream
         #: Where ``auto`` falls back to when its generation does not fit the deadline.
         self.small_tier = small_tier
+        #: Context window (tokens) per counting model, learnt from the first count.
+        self._context_tokens: dict[str, int] = {}
         self.latency = latency or budget.LatencyModel()
         self.default_system_prompt = default_system_prompt
         self.cache = cache

@@ -17,7 +17,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from backbone.v1 import router_service_pb2_grpc
-from server import telemetry
 from server.hop import HopContext
 from server.router import metrics as router_metrics
 from server.router.forward import Forwarder
@@ -54,8 +53,7 @@ class RouterHop:
         """Resolve the upstreams, watch their health, wait for one healthy replica each."""
         cfg = ctx.config.router
         self.pool = UpstreamPool(cfg, max_message_bytes=ctx.config.server.max_message_bytes,
-                                 on_change=self._wake.set,
-                                 interceptors=telemetry.client_interceptors(ctx.tracer_provider))
+                                 on_change=self._wake.set)
         if not self.pool.sets:
             raise RuntimeError("router: no upstream configured; set [router.upstreams] or "
                                "--upstream SERVICE=HOST:PORT")

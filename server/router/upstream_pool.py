@@ -80,11 +80,8 @@ class UpstreamPool:
     """Replica sets of the configured services, their channels and health watches."""
 
     def __init__(self, cfg: RouterConfig, *, max_message_bytes: int = 4 * 1024 * 1024,
-                 on_change: Callable[[], None] | None = None,
-                 interceptors: list | None = None) -> None:
+                 on_change: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
-        # grpc.aio client interceptors of every replica channel (OpenTelemetry's).
-        self._interceptors = interceptors
         self.targets: dict[str, list[Target]] = {
             SERVICES[name]: [parse_target(t) for t in targets]
             for name, targets in router_upstreams(cfg).items()
@@ -148,8 +145,7 @@ class UpstreamPool:
     def _join(self, service: str, address: str) -> None:
         log.info("router: %s replica %s joins", service, address)
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=self._options, interceptors=self._interceptors)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
         self._users[address] = self._users.get(address, 0) + 1
         ep = self.sets[service].add(address)
         self._watches[(service, address)] = asyncio.ensure_future(self._watch(service, address, ep))

@@ -100,9 +100,12 @@ async def test_one_answer_is_one_trace_with_a_span_per_hop(minilm, tmp_path):
     for hop in HOPS:
         [span] = by_name[hop]
         assert span.parent.span_id == pipeline.context.span_id, hop
-    # The remote hops' own server spans joined through traceparent in the gRPC metadata.
-    for remote, hop in (("/backbone.v1.RerankService/Rerank", "rerank"),
-                        ("/backbone.v1.GenerationService/Generate", "generate")):
+    # The remote hops' own server spans joined through traceparent in the gRPC metadata
+    # (Generate's stream gets no server span: server.telemetry.TRACED_STREAMS; its client
+    # span is under "generate").
+    [gen_client] = [s for s in by_name["/backbone.v1.GenerationService/Generate"]]
+    assert gen_client.kind == SpanKind.CLIENT and gen_client.parent.span_id == by_name["generate"][0].context.span_id
+    for remote, hop in (("/backbone.v1.RerankService/Rerank", "rerank"),):
         [server_span] = [s for s in by_name[remote] if s.kind == SpanKind.SERVER]
         chain, parent = [], server_span.parent
         ids = {s.context.span_id: s for s in spans}
@@ -226,3 +229,29 @@ async def test_prometheus_counts_hops_cache_and_queues(minilm, tmp_path):
     assert value("backbone_cache_lookups_total", result="miss") == misses + 1
     assert value("backbone_cache_lookups_total", result="exact_hit") == hits + 1
     assert entries >= 1 and depth == 0.0
+
+
+async def test_the_router_continues_the_trace_under_its_own_span():
+    from backbone.v1 import embedding_service_pb2 as epb
+    from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
+    from server.router.hop import RouterHop
+    from tests.conftest import make_config
+    from tests.routing.conftest import fakes
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with fakes(1) as [replica]:
+        config = make_config(router={"upstreams": {"embedding": [replica.address]}, "start_wait_s": 5})
+        async with running(config, [RouterHop()], tracer_provider=provider) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                await emb_grpc.EmbeddingServiceStub(channel).Embed(
+                    epb.EmbedRequest(inputs=["abc"]), timeout=5,
+                    metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),),
+                )
+    [span] = [s for s in exporter.get_finished_spans() if s.name.endswith("/Embed")]
+    assert f"{span.context.trace_id:032x}" == trace_id and span.parent.span_id == int(parent_id, 16)
+    # The replica got the same trace, parented under the router's span (not the caller's).
+    _, got_trace, got_parent, _ = replica.last_metadata["traceparent"].split("-")
+    assert got_trace == trace_id and int(got_parent, 16) == span.context.span_id
