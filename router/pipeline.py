@@ -276,9 +276,12 @@ class Pipeline:
             out = await self.upstream.count_tokens(counting, messages, deadline=deadline)
             return out.tokens
 
-        probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+        context_tokens = self._context_tokens.get(counting)
+        if context_tokens is None:  # a model's window does not change: asked once
+            probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+            context_tokens = self._context_tokens[counting] = probe.max_context_tokens
         reserve = spec.max_tokens or DEFAULT_ANSWER_TOKENS
-        window = max(0, probe.max_context_tokens - reserve)
+        window = max(0, context_tokens - reserve)
         packed = await pack(
             count, system_prompt=system_prompt,
             sources=[s.text for s in retrieved.sources], history=spec.history,
