@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,19 @@ def open_channel(options: ClientOptions) -> grpc.Channel:
     return grpc.secure_channel(options.address, credentials, options=channel_options(options))
 
 
-def open_aio_channel(options: ClientOptions) -> grpc.aio.Channel:
-    """An aio channel (create it inside the event loop that uses it); the caller closes it."""
+def open_aio_channel(
+    options: ClientOptions, interceptors: Sequence[Any] | None = None
+) -> grpc.aio.Channel:
+    """An aio channel (create it inside the event loop that uses it); the caller closes it.
+    ``interceptors``: grpc.aio client interceptors (e.g. OpenTelemetry's)."""
     credentials = channel_credentials(options)
     if credentials is None:
-        return grpc.aio.insecure_channel(options.address, options=channel_options(options))
+        return grpc.aio.insecure_channel(
+            options.address, options=channel_options(options), interceptors=interceptors
+        )
     return grpc.aio.secure_channel(
-        options.address, credentials, options=channel_options(options)
+        options.address, credentials, options=channel_options(options),
+        interceptors=interceptors,
     )
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "ingest",
     "rerank": "rerank",
     "generate": "generate",
+    "ask": "ask",
     "endpoints": "endpoints",
 }
 

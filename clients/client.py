@@ -28,6 +28,7 @@ from clients.channel import ClientOptions, open_aio_channel, open_channel
 from clients.embedding import AsyncEmbeddingClient, EmbeddingClient
 from clients.generation import AsyncGenerationClient, GenerationClient
 from clients.health import AsyncHealthClient, HealthClient
+from clients.pipeline import AsyncPipelineClient, PipelineClient
 from clients.rerank import AsyncRerankClient, RerankClient
 from clients.search import AsyncSearchClient, SearchClient
 
@@ -51,6 +52,7 @@ class Client:
         self.rerank = RerankClient(self.channel, self.options)
         self.generation = GenerationClient(self.channel, self.options)
         self.health = HealthClient(self.channel, self.options)
+        self.pipeline = PipelineClient(self.channel, self.options)
 
     def close(self) -> None:
         """Closes the channel, cancelling calls in flight."""
@@ -78,6 +80,7 @@ class AsyncClient:
         self.rerank = AsyncRerankClient(self.channel, self.options)
         self.generation = AsyncGenerationClient(self.channel, self.options)
         self.health = AsyncHealthClient(self.channel, self.options)
+        self.pipeline = AsyncPipelineClient(self.channel, self.options)
 
     async def close(self, grace: float | None = None) -> None:
         """Closes the channel; calls in flight get ``grace`` seconds (None: cancelled)."""

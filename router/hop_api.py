@@ -97,6 +97,9 @@ class GenerateCall:
     #: The wire sampling parameters, passed through untouched (None: defaults).
     sampling: Any = None
     request_id: str = ""
+    #: At most this many output tokens whatever ``sampling`` asks (0: no cap); the
+    #: smaller tier's cap when the deadline budget picked it.
+    max_tokens_cap: int = 0
 
 
 @dataclass(frozen=True)

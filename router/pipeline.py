@@ -97,6 +97,8 @@ class Retrieved:
     sources: list[Source]
     timings: list[HopTime]
     degradations: list[str]
+    #: The tier the budget chose for generation (degradation step 3), or None.
+    small_tier: budget.SmallTier | None = None
 
 
 @dataclass(frozen=True)
@@ -168,10 +170,15 @@ class Pipeline:
         default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         cache: SemanticCache | None = None, guardrails: GuardrailSettings | None = None,
         log_text: bool = False,
+        small_tier: budget.SmallTier | None = None,
     ) -> None:
         self.upstream = upstream
         self.guardrails = guardrails
         self.log_text = log_text
+        #: Where ``auto`` falls back to when its generation does not fit the deadline.
+        self.small_tier = small_tier
+        #: Context window (tokens) per counting model, learnt from the first count.
+        self._context_tokens: dict[str, int] = {}
         self.latency = latency or budget.LatencyModel()
         self.default_system_prompt = default_system_prompt
         self.cache = cache
@@ -184,14 +191,16 @@ class Pipeline:
 
     async def retrieve(
         self, spec: RetrieveSpec, deadline: float | None, *, answering: bool = False,
-        embedded: Embedded | None = None,
+        embedded: Embedded | None = None, model: str = "",
     ) -> Retrieved:
-        """Embed (unless ``embedded`` is given), search, rerank (see the module doc)."""
+        """Embed (unless ``embedded`` is given), search, rerank (see the module doc);
+        ``answering``: the plan leaves time to generate with ``model``."""
         began = time.perf_counter()
         plan = budget.make_plan(
             self.latency, remaining_s(deadline), rerank=not spec.skip_rerank,
             search_top_k=spec.search_top_k, top_n=spec.top_n, generate=answering,
             embed=spec.mode == DENSE and embedded is None,
+            generate_model=model, small_tier=self.small_tier,
         )
         timings: list[HopTime] = []
         vector = None
@@ -228,7 +237,7 @@ class Pipeline:
         else:
             sources = [Source(h.id, h.text, h.score, 0.0, h.metadata) for h in hits[: spec.top_n]]
         timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
-        return Retrieved(sources, timings, plan.degradations)
+        return Retrieved(sources, timings, plan.degradations, plan.small_tier)
 
     async def answer(
         self, spec: AnswerSpec, deadline: float | None
@@ -255,19 +264,25 @@ class Pipeline:
             if hit is None and r.mode == DENSE:
                 embedded = await self._embed(r.query, deadline)
                 hit = cache.lookup_semantic(partition, r.query, embedded.vectors[0])
+            elif hit is None:
+                cache.stats.misses += 1  # no semantic lookup without the query's embedding
             if hit is not None:
                 timings = [embedded.timing] if embedded is not None else []
                 timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))
                 async for event in _replay(hit.value, timings):
                     yield event
                 return
-        retrieved = await self.retrieve(r, deadline, answering=True, embedded=embedded)
+        retrieved = await self.retrieve(
+            r, deadline, answering=True, embedded=embedded, model=spec.model
+        )
         if screen is not None:  # a passage carrying instructions never reaches the prompt
             retrieved.sources = screen.passages(retrieved.sources)
         yield retrieved.sources
         timings = [t for t in retrieved.timings if t.hop != "pipeline"]
         degradations = list(retrieved.degradations)
-        model = spec.model
+        model, cap = spec.model, 0
+        if retrieved.small_tier is not None:  # budget step 3: auto's cheapest tier
+            model, cap = retrieved.small_tier.model, retrieved.small_tier.max_tokens_cap
         # Under "auto" the prompt is counted with the default model's tokenizer (the
         # generation hop picks the model later); a named model counts with its own.
         counting = "" if model == "auto" else model
@@ -296,7 +311,8 @@ class Pipeline:
         final: Finished | None = None
         texts: list[str] = []
         stream = self.upstream.generate(
-            GenerateCall(model, packed.messages, spec.sampling), deadline=deadline
+            GenerateCall(model, packed.messages, spec.sampling, max_tokens_cap=cap),
+            deadline=deadline,
         )
         # Redacted deltas carry text only (their token ids no longer match it).
         redactor = screen.answer_stream() if screen is not None else None
@@ -319,7 +335,9 @@ class Pipeline:
             if tail:
                 texts.append(tail)
                 yield Delta(tail)
-        self.latency.observe("generate", time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.latency.observe("generate", elapsed)
+        self.latency.observe(budget.generate_key(model), elapsed)
         assert final is not None, "a generation stream ends with a final event"
         timings.append(final.timing)
         timings.append(HopTime("pipeline", total_s=time.perf_counter() - began))

@@ -28,6 +28,7 @@ from server.errors import NotImplementedYet
 from server.hop import Hop, HopContext
 from server.interceptors import GuardInterceptor, MetricsInterceptor, abort_with
 from server.load_report import LoadReportInterceptor
+from server import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,15 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
 class BackboneServer:
     """A running (or about to run) server process with its hops."""
 
-    def __init__(self, config: Config, hops: Sequence[Hop]) -> None:
+    def __init__(self, config: Config, hops: Sequence[Hop], tracer_provider=None) -> None:
         self.config = config
         self.hops = list(hops)
         self.health = health.aio.HealthServicer()
-        self.context = HopContext(config, health=self.health)
+        # A provider given by the caller (tests) is theirs; one built from [telemetry] is ours.
+        self._own_provider = None
+        if tracer_provider is None:
+            tracer_provider = self._own_provider = telemetry.provider_for(config.telemetry)
+        self.context = HopContext(config, health=self.health, tracer_provider=tracer_provider)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._guard = GuardInterceptor(config.server.auth_token)
@@ -159,6 +164,8 @@ class BackboneServer:
         s = self.config.server
         self._server = grpc.aio.server(
             interceptors=[
+                # Outermost: the server span covers the whole call, errors included.
+                telemetry.server_interceptor(self.context.tracer_provider),
                 MetricsInterceptor(),
                 self._guard,
                 LoadReportInterceptor(
@@ -251,6 +258,7 @@ class BackboneServer:
                 await hop.stop()
             except Exception:  # noqa: BLE001 - stopping the others matters more
                 log.exception("stopping hop %s failed", hop.name)
+        telemetry.shutdown(self._own_provider)
 
     async def wait_for_termination(self) -> None:
         """Block until the gRPC server ends."""

@@ -28,6 +28,7 @@ from server.config_spine import (
     PipelineConfig,
     RouterConfig,
     RoutingConfig,
+    TelemetryConfig,
     UpstreamConfig,
 )
 from server.engines import registry
@@ -306,6 +307,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 class ConfigError(ValueError):

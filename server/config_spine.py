@@ -158,3 +158,21 @@ class PipelineConfig:
     # JSON in the environment / --set. Matched text is logged only with
     # server.log_payloads.
     guardrails: Any = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry traces (``server.telemetry``).
+
+    Every process propagates W3C ``traceparent`` in gRPC metadata whatever these say (a
+    caller's trace runs through the router, the pipeline and every hop); spans are
+    recorded and exported only when ``otlp_endpoint`` is set. With vLLM as the engine the
+    endpoint is passed to vLLM too (``otlp_traces_endpoint``), so its spans join the trace.
+    """
+
+    # OTLP/gRPC collector, e.g. "http://127.0.0.1:4317"; empty: no export (off).
+    otlp_endpoint: str = ""
+    # service.name of this process's spans.
+    service_name: str = "backbone"
+    # Plaintext to the collector (an http:// endpoint is plaintext anyway).
+    otlp_insecure: bool = True

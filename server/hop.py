@@ -32,6 +32,9 @@ class HopContext:
     # The process's grpc.health.v1 servicer (``await health.set(name, status)``), for
     # hops whose health changes while they run (the router follows its replicas').
     health: Any = None
+    # The process's OpenTelemetry tracer provider (None: the global one), for the spans
+    # and client interceptors of calls to other hops (``server.telemetry``).
+    tracer_provider: Any = None
 
 
 @runtime_checkable

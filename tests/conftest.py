@@ -29,12 +29,15 @@ def make_config(**sections: dict) -> Config:
 
 
 @asynccontextmanager
-async def running(config: Config, hops: Sequence[Hop]) -> AsyncIterator[BackboneServer]:
-    """Start a real grpc.aio server with ``hops`` on 127.0.0.1:0; stop it afterwards."""
+async def running(
+    config: Config, hops: Sequence[Hop], tracer_provider=None
+) -> AsyncIterator[BackboneServer]:
+    """Start a real grpc.aio server with ``hops`` on 127.0.0.1:0; stop it afterwards
+    (``tracer_provider``: an OpenTelemetry provider for its spans, e.g. in-memory)."""
     config = dataclasses.replace(
         config, server=dataclasses.replace(config.server, port=0, metrics_port=0)
     )
-    server = BackboneServer(config, hops)
+    server = BackboneServer(config, hops, tracer_provider=tracer_provider)
     await server.start()
     try:
         yield server

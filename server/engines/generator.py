@@ -119,6 +119,8 @@ class ModelSpec:
     cpu_omp_threads_bind: str = "auto"
     stream_interval: int = 1
     seed: int = 0
+    # [telemetry] otlp_endpoint, for engines that export their own spans (vLLM).
+    otlp_traces_endpoint: str = ""
 
 
 def _spec_from(values: Mapping[str, Any], base: ModelSpec) -> ModelSpec:

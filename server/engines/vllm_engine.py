@@ -54,6 +54,7 @@ from server.engines.generator import (
 )
 from server.engines.model_prep import ensure_model_dir
 from server.errors import Unavailable
+from server.telemetry import trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def build_engine_args(spec: ModelSpec, model_dir: Path) -> Any:
         generation_config="vllm",
         disable_log_stats=True,
         enable_log_requests=False,
+        # [telemetry] otlp_endpoint: vLLM exports its request spans there too.
+        otlp_traces_endpoint=spec.otlp_traces_endpoint or None,
     )
 
 
@@ -272,8 +275,12 @@ class VllmGenerator:
         completion = 0
         self._active.add(request_id)
         try:
+            # With an OTLP endpoint, vLLM's spans join the caller's trace (it drops
+            # trace_headers when its otlp_traces_endpoint is unset).
+            headers = trace_headers() if self.spec.otlp_traces_endpoint else None
             stream = llm.generate(
-                tokens_input(prompt_token_ids), sampling_params(params), request_id
+                tokens_input(prompt_token_ids), sampling_params(params), request_id,
+                trace_headers=headers,
             )
             # aclosing: an early exit closes vLLM's generator now (which aborts the
             # request in the engine core), not whenever it is garbage-collected.

@@ -38,6 +38,7 @@ from server.calls import deadline_of
 from server.errors import NotImplementedYet, Unavailable
 from server.router.units import units_of
 from server.router.upstream_pool import UpstreamPool
+from server.telemetry import trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,21 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Metadata that belongs to the transport, not to the call: never forwarded.
 HOP_BY_HOP = ("grpc-", ":")
 HOP_BY_HOP_KEYS = frozenset({"user-agent", "content-type", "te", "host"})
+TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 
 
 def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
-    """The caller's metadata to send on (authorization, x-backbone-priority,
-    traceparent, ...), without transport entries."""
-    return tuple(
+    """The caller's metadata to send on (authorization, x-backbone-priority, ...),
+    without transport entries; W3C ``traceparent``/``tracestate`` are the router's own
+    span's when it has one (the caller's trace continues under it; ``server.telemetry``),
+    else the caller's."""
+    own = trace_headers()  # empty when no span is current (an untraced stream)
+    kept = tuple(
         (k, v) for k, v in (context.invocation_metadata() or ())
         if not k.startswith(HOP_BY_HOP) and k not in HOP_BY_HOP_KEYS
+        and not (own and k in TRACE_KEYS)
     )
+    return kept + tuple(own.items())
 
 
 def returned_metadata(metadata) -> tuple[tuple[str, Any], ...]:  # noqa: ANN001 - grpc Metadata

@@ -131,6 +131,8 @@ class EmbeddingHop:
                  self.model_name, type(self._embedder).__name__, policy.lanes,
                  policy.max_batch_size)
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)
+        batcher = self._batcher
+        metrics.watch_queue("embed", lambda: batcher.queued)
         await self._batcher.start()
         await self.embed(list(WARMUP_TEXTS), EmbedOptions())
         probe = await self.embed(["probe"], EmbedOptions(normalize=True))

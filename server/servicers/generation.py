@@ -36,6 +36,7 @@ from server.engines.generator import (
     model_specs,
     validate_request,
 )
+from server import metrics
 from server.calls import deadline_of, hop_timing, priority_of
 from server.errors import DeadlineTooShort, Unavailable
 from server.hop import HopContext
@@ -130,7 +131,8 @@ class GenerationHop:
 
     async def start(self, ctx: HopContext) -> None:
         """Load every model's engine, warm it, and answer a real probe through the hop."""
-        specs = model_specs(ctx.config.generation)
+        otlp = ctx.config.telemetry.otlp_endpoint
+        specs = [replace(s, otlp_traces_endpoint=otlp) for s in model_specs(ctx.config.generation)]
         # A tier naming an unknown model fails here, before any engine loads.
         tiers = tiers_from(ctx.config.routing.tiers)
         check_tier_models(tiers, [s.name for s in specs])
@@ -152,6 +154,7 @@ class GenerationHop:
             await self.stop()
             raise
         self.registry = ModelRegistry(models)
+        metrics.watch_queue("generate", lambda: sum(m.gate.waiting for m in models))
         if tiers:
             self.auto = AutoRouter(
                 ctx.config.routing, self.registry.models, self.registry.default,

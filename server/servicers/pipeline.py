@@ -27,8 +27,11 @@ from router.errors import InvalidArgument, Unavailable
 from router.guardrails import settings_from as guardrail_settings
 from router.hop_api import DENSE, HYBRID, KEYWORD, Delta
 from router.pipeline import AnswerFinal, AnswerSpec, Pipeline, Source, retrieve_spec
+from router.budget import SmallTier
+from router.model_routing import tiers_from
 from router.prompt_packing import DEFAULT_SYSTEM_PROMPT
 from router.semantic_cache import CacheSettings, SemanticCache
+from server import metrics
 from server.calls import deadline_of
 from server.hop import HopContext
 from server.upstream import Upstreams, timing_to_proto
@@ -130,6 +133,16 @@ def final_to_proto(final: AnswerFinal) -> pb.AnswerResponse:
     ))
 
 
+def small_tier_of(tiers_config) -> SmallTier | None:
+    """The cheapest complexity-ranged tier of ``[routing.tiers]`` (deadline budget step 3),
+    or None with fewer than two ranged tiers."""
+    ranged = [t for t in tiers_from(tiers_config) if t.scores is not None]
+    if len(ranged) < 2:
+        return None
+    cheapest = min(ranged, key=lambda t: t.cost)
+    return SmallTier(cheapest.name, cheapest.model, cheapest.max_tokens_cap)
+
+
 class PipelineHop:
     """Serves PipelineService; needs the other hops in-process or at ``[upstream]``."""
 
@@ -150,10 +163,12 @@ class PipelineHop:
             max_bytes=int(cfg.cache_max_mb * 1024 * 1024), ttl_s=cfg.cache_ttl_s,
             threshold=cfg.cache_threshold,
         ))
+        metrics.watch_cache(self.cache)
         self.pipeline = Pipeline(
             self._upstreams, default_system_prompt=cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
             cache=self.cache, guardrails=guardrail_settings(cfg.guardrails),
             log_text=ctx.config.server.log_payloads,
+            small_tier=small_tier_of(ctx.config.routing.tiers),
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -185,6 +200,7 @@ class PipelineServicer(pb_grpc.PipelineServiceServicer):
     async def Retrieve(self, request, context):  # noqa: N802 - gRPC method name
         """Embed, search, rerank; the sources with every hop's timing."""
         retrieved = await self.hop.require().retrieve(spec_from(request), deadline_of(context))
+        metrics.observe_degradations(retrieved.degradations)
         return pb.RetrieveResponse(
             sources=[source_to_proto(s) for s in retrieved.sources],
             timings=[timing_to_proto(t) for t in retrieved.timings],
@@ -204,6 +220,7 @@ class PipelineServicer(pb_grpc.PipelineServiceServicer):
                         text=event.text, token_ids=event.token_ids
                     ))
                 elif isinstance(event, AnswerFinal):
+                    metrics.observe_degradations(event.degradations)
                     yield final_to_proto(event)
                 else:
                     yield pb.AnswerResponse(

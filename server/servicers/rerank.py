@@ -84,6 +84,8 @@ class RerankHop:
         )
         self._batcher = DynamicBatcher(HOP, self._engine.run_batch, policy)
         self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch(HOP, n, s)
+        batcher = self._batcher
+        metrics.watch_queue(HOP, lambda: batcher.queued)
         await self._batcher.start()
         probe = await self.rerank(PROBE_QUERY, list(PROBE_DOCUMENTS), 0)
         scores = [r.score for r in probe.results]

@@ -6,15 +6,21 @@ the hop object of this process (``HopContext.local``) when there is one, else a 
 client to the address ``[upstream]`` names (``search.embedding_address`` also counts for
 embedding), else UNAVAILABLE saying what to configure. The gRPC clients use the process's
 TLS and bearer token, forward the caller's remaining deadline minus a reserve, and keep
-the upstream's status (see ``server.upstream.wire``).
+the upstream's status (see ``server.upstream.wire``). Every call runs in a span named
+for the hop ("embed", "search", "rerank", "generate", "count_tokens"; see
+``server.telemetry``), whose context the gRPC clients carry on as ``traceparent``, and is
+counted in ``backbone_upstream_*`` (``server.metrics``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from router.errors import Unavailable
+from router.errors import BackboneError, Unavailable
 from router.hop_api import (
     Delta,
     Embedded,
@@ -25,6 +31,7 @@ from router.hop_api import (
     Searched,
     TokenCount,
 )
+from server import metrics, telemetry
 from server.hop import HopContext
 from server.upstream import local, remote
 from server.upstream.wire import timing_to_proto, upstream_error
@@ -55,6 +62,8 @@ class Upstreams:
         # Remote clients built so far, by hop (closed by ``close``). Local adapters are
         # rebuilt per use: they hold nothing.
         self._remote: dict[str, Any] = {}
+        self._tracer = telemetry.tracer(ctx.tracer_provider)
+        self._interceptors = tuple(telemetry.client_interceptors(ctx.tracer_provider))
 
     def address(self, hop: str) -> str:
         """The configured address of ``hop`` ("" when none)."""
@@ -87,8 +96,32 @@ class Upstreams:
                 "rerank": remote.RemoteRerank,
                 "generation": remote.RemoteGeneration,
             }[hop](config, address)
+        client.interceptors = self._interceptors
         self._remote[hop] = client
         return client
+
+    @contextlib.contextmanager
+    def _call(self, hop: str, **attributes: Any) -> Iterator[dict[str, Any]]:
+        """One hop call: its span, and its code, latency and reported queue time counted
+        (the body sets ``queue_s`` in the yielded dict)."""
+        began = time.perf_counter()
+        outcome: dict[str, Any] = {"code": "OK", "queue_s": None}
+        try:
+            with telemetry.hop_span(self._tracer, hop, **attributes):
+                yield outcome
+        except BackboneError as err:
+            outcome["code"] = err.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome["code"] = "CANCELLED"
+            raise
+        except Exception:
+            outcome["code"] = "INTERNAL"
+            raise
+        finally:
+            metrics.observe_upstream(
+                hop, outcome["code"], time.perf_counter() - began, outcome["queue_s"]
+            )
 
     @property
     def embedding(self) -> local.LocalEmbedding | remote.RemoteEmbedding:
@@ -97,33 +130,56 @@ class Upstreams:
 
     async def embed(self, texts: Sequence[str], *, deadline: float | None) -> Embedded:
         """See ``router.hop_api.Upstream.embed``."""
-        return await self.adapter("embedding").embed(texts, deadline=deadline)
+        with self._call("embed", inputs=len(texts)) as out:
+            embedded = await self.adapter("embedding").embed(texts, deadline=deadline)
+            out["queue_s"] = embedded.timing.queue_s
+            return embedded
 
     async def search(self, call: SearchCall, *, deadline: float | None) -> Searched:
         """See ``router.hop_api.Upstream.search``."""
-        return await self.adapter("search").search(call, deadline=deadline)
+        with self._call("search", top_k=call.top_k) as out:
+            searched = await self.adapter("search").search(call, deadline=deadline)
+            out["queue_s"] = sum(t.queue_s for t in searched.timings if t.hop == "search")
+            return searched
 
     async def collection_version(self, name: str, *, deadline: float | None) -> int:
         """See ``router.hop_api.Upstream.collection_version``."""
-        return await self.adapter("search").collection_version(name, deadline=deadline)
+        with self._call("collection_version"):
+            return await self.adapter("search").collection_version(name, deadline=deadline)
 
     async def rerank(
         self, query: str, documents: Sequence[str], top_n: int, *, deadline: float | None
     ) -> Reranked:
         """See ``router.hop_api.Upstream.rerank``."""
-        return await self.adapter("rerank").rerank(query, documents, top_n, deadline=deadline)
+        with self._call("rerank", documents=len(documents)) as out:
+            ranked = await self.adapter("rerank").rerank(query, documents, top_n, deadline=deadline)
+            out["queue_s"] = ranked.timing.queue_s
+            return ranked
 
-    def generate(
+    async def generate(
         self, call: GenerateCall, *, deadline: float | None
     ) -> AsyncIterator[Delta | Finished]:
-        """See ``router.hop_api.Upstream.generate``."""
-        return self.adapter("generation").generate(call, deadline=deadline)
+        """See ``router.hop_api.Upstream.generate`` (the hop is resolved on first item)."""
+        with self._call("generate") as out:
+            stream = self.adapter("generation").generate(call, deadline=deadline)
+            try:
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        out["queue_s"] = event.timing.queue_s
+                    yield event
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     async def count_tokens(
         self, model: str, messages: Sequence[tuple[str, str]], *, deadline: float | None
     ) -> TokenCount:
         """See ``router.hop_api.Upstream.count_tokens``."""
-        return await self.adapter("generation").count_tokens(model, messages, deadline=deadline)
+        with self._call("count_tokens"):
+            return await self.adapter("generation").count_tokens(
+                model, messages, deadline=deadline
+            )
 
     async def close(self) -> None:
         """Close every gRPC channel opened."""

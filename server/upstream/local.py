@@ -32,7 +32,7 @@ from router.hop_api import (
     Searched,
     TokenCount,
 )
-from server.upstream.wire import timing_from_proto
+from server.upstream.wire import cap_max_tokens, timing_from_proto
 
 MODES = {
     "dense": vs_pb.SEARCH_MODE_DENSE,
@@ -161,10 +161,14 @@ class LocalGeneration:
         from server.engines.generator import ChatTurn, GenerationRequest
         from server.servicers.generation import params_from
 
+        sampling = gen_pb.SamplingParams()
+        if call.sampling is not None:
+            sampling.CopyFrom(call.sampling)
+        cap_max_tokens(sampling, call.max_tokens_cap)
         return GenerationRequest(
             request_id=call.request_id or uuid.uuid4().hex,
             messages=tuple(ChatTurn(r, c) for r, c in call.messages),
-            params=params_from(call.sampling or gen_pb.SamplingParams()),
+            params=params_from(sampling),
         )
 
     async def generate(

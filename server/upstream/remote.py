@@ -38,7 +38,7 @@ from router.hop_api import (
 )
 from server.config import Config
 from server.upstream.local import search_request, searched_from
-from server.upstream.wire import client_options, timeout_for, upstream_error
+from server.upstream.wire import cap_max_tokens, client_options, timeout_for, upstream_error
 
 # Remote embedding calls carry at most this many texts (the embedding hop's default cap).
 REMOTE_EMBED_BATCH = 256
@@ -53,6 +53,8 @@ class _Remote:
     """A channel to one upstream address; the subclass names the hop and its stub."""
 
     hop = ""
+    #: grpc.aio client interceptors of the channel (the upstream layer sets OpenTelemetry's).
+    interceptors: tuple = ()
 
     def __init__(self, config: Config, address: str) -> None:
         self._config = config
@@ -65,7 +67,7 @@ class _Remote:
     def channel(self) -> grpc.aio.Channel:
         """The channel (opened on first use)."""
         if self._channel is None:
-            self._channel = open_aio_channel(self.options)
+            self._channel = open_aio_channel(self.options, list(self.interceptors) or None)
         return self._channel
 
     def _kwargs(self, deadline: float | None) -> dict:
@@ -171,6 +173,7 @@ class RemoteGeneration(_Remote):
         )
         if call.sampling is not None:
             request.sampling.CopyFrom(call.sampling)
+        cap_max_tokens(request.sampling, call.max_tokens_cap)
         stream = stub.Generate(request, **self._kwargs(deadline))
         try:
             async for message in stream:

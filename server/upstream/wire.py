@@ -114,3 +114,10 @@ def timing_to_proto(t: HopTime) -> common_pb2.HopTiming:
         t.hop, queue_s=t.queue_s, compute_s=t.compute_s, total_s=t.total_s,
         batch_size=t.batch_size,
     )
+
+
+def cap_max_tokens(sampling, cap: int) -> None:
+    """Lower ``sampling.max_tokens`` (a SamplingParams) to ``cap`` when it is unset or
+    larger (``cap`` 0: leave it)."""
+    if cap > 0 and (not sampling.HasField("max_tokens") or sampling.max_tokens > cap):
+        sampling.max_tokens = cap

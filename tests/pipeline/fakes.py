@@ -93,9 +93,11 @@ class FakeServer:
         await self.server.stop(None)
 
 
-async def start_fake(servicers, credentials: grpc.ServerCredentials | None = None) -> FakeServer:
+async def start_fake(
+    servicers, credentials: grpc.ServerCredentials | None = None, interceptors=None
+) -> FakeServer:
     """A grpc.aio server on 127.0.0.1:0 with ``servicers`` [(add_fn, servicer)]."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=interceptors)
     for add, servicer in servicers:
         add(servicer, server)
     if credentials is None:
