@@ -305,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     server = start_search_server(root / "main", extra=extra)
     create(server.target, "bench", args.dim, kind)
     build_s = upload(server.target, "bench", base)
+    print(f"  built in {build_s:.1f} s ({args.n / build_s:.0f} vectors/s)", flush=True)
     stop(server)
     server = start_search_server(root / "main", extra=extra)  # loads the snapshot written on stop
     load_s = server.started_s
     rss = rss_bytes(server)
+    print(f"  restart (load snapshot) {load_s:.1f} s, server RSS {rss / 2**30:.2f} GiB", flush=True)
     print(f"load test: {args.concurrency} callers, {args.requests} searches ...", flush=True)
     cpu_before = cpu_s(server)
     client_before = time.process_time()
@@ -327,10 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     grpc_found = grpc_result.pop("found")
     grpc_result["recall@k"] = recall([grpc_found[i] for i in sorted(grpc_found)],
                                      truth[sorted(grpc_found)], args.k)  # fmt: skip
+    print(f"  gRPC search p50 {grpc_result['p50_ms']:.2f} ms, p99 {grpc_result['p99_ms']:.2f} ms, "
+          f"{grpc_result['throughput_rps']:.0f} req/s, recall@{args.k} {grpc_result['recall@k']:.3f}; "
+          f"floor p99 {floor['p99_ms']:.2f} ms", flush=True)
 
     index_files = sorted((root / "main" / "bench").glob("snap-*/index.faiss"))
     local = in_process(index_files[-1], queries, args.k, DEFAULT_EF_SEARCH)
     local["recall@k"] = recall(local.pop("found"), truth, args.k)
+    print(f"  in-process p50 {local['p50_ms']:.3f} ms, p99 {local['p99_ms']:.3f} ms", flush=True)
 
     ingest = {}
     subset = base[: min(args.ingest_n, args.n)]
