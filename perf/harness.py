@@ -6,8 +6,9 @@ failure always reads the same way (the process's exit code and the last lines of
 A process is ready either when ``grpc.health.v1`` says SERVING (``start_server``,
 ``start_backbone_server``) or when it prints its ready line on stdout
 (``start_announced``, ``start_announced_async``: ``backbone serving on HOST:PORT``, as
-``python -m server.main serve`` does). Children run in their own session (a Ctrl-C on the
-caller does not reach them; the caller stops them) with ``child_env()``.
+``python -m server.main serve`` does). Children get ``child_env()`` and are detached from
+the caller's terminal (``start_new_session``: a Ctrl-C on the caller does not reach them;
+the caller stops them).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def spawn(
     argv: Sequence[str], log_path: Path | None = None, env: Mapping[str, str] | None = None,
     stdout_pipe: bool = False, **popen: Any,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in the repository, in its own session, stderr (and stdout unless
+    """Start ``argv`` in the repository, detached from the caller's terminal, stderr (and stdout unless
     ``stdout_pipe``) appended to ``log_path`` (or discarded), with ``child_env()``."""
     log = _log_file(log_path)
     try:
