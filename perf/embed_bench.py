@@ -145,14 +145,16 @@ def run_loadgen(
     rate: float | None = None,
     extra: list[str] | None = None,
     duration: float | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    """One ``python -m perf.loadgen`` phase in its own process; its JSON."""
+    """One ``python -m perf.loadgen`` phase in its own process; its JSON (``timeout``: this
+    phase's per-request deadline, default ``--timeout``)."""
     cmd = [
         sys.executable, "-m", "perf.loadgen", scenario,
         "--target", server.target,
         "--duration", str(args.duration if duration is None else duration),
         "--warmup", str(args.warmup),
-        "--timeout", str(args.timeout),
+        "--timeout", str(args.timeout if timeout is None else timeout),
         "--seed", str(args.seed),
         "--json-out", str(out_path),
     ]
@@ -242,7 +244,8 @@ def run_once(
     time.sleep(args.cooldown)
     note(f"embed, open loop {args.overload}x saturation ({args.overload * saturation_rps:.1f}/s)")
     phases["embed_overload"] = run_loadgen(
-        args, "embed", embed, Path(f"{prefix}_embed_overload.json"), rate=args.overload * saturation_rps
+        args, "embed", embed, Path(f"{prefix}_embed_overload.json"), rate=args.overload * saturation_rps,
+        timeout=args.overload_timeout,
     )
     time.sleep(args.cooldown)
     return {"run": index, "phases": phases, "figures": run_figures(phases, args.rss_growth_limit)}
@@ -510,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--half-load", type=float, default=0.5, help="fraction of saturation for the p99 phase")
     parser.add_argument("--overload", type=float, default=3.0, help="multiple of saturation for the overload phase")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default 10)")
+    parser.add_argument(
+        "--overload-timeout", type=float, default=None,
+        help="the overload phase's per-request deadline, s (default: --timeout; 0.2 for the short-"
+        "deadline overload claim, which perf.embed_overload judges on its own)",
+    )
     parser.add_argument("--max-inflight", type=int, default=4096, help="open-loop client cap (drops are reported)")
     parser.add_argument("--cooldown", type=float, default=2.0, help="idle seconds between phases")
     parser.add_argument("--seed", type=int, default=0)

@@ -139,10 +139,10 @@ class ReplicaSet:
         return live or [ep for ep in eps if ep.usable(now)]
 
     # -- one call ------------------------------------------------------------------
-    def admit(self, deadline: float | None, units: int) -> None:
+    def admit(self, deadline: float | None, units: int) -> list[Endpoint]:
         """Refuse before any forwarding: over the in-flight bound (OVERLOADED with
         pushback), no healthy replica (UNAVAILABLE / CIRCUIT_OPEN), or a deadline no
-        replica's estimate can meet (DEADLINE_TOO_SHORT)."""
+        replica's estimate can meet (DEADLINE_TOO_SHORT). Returns the candidates."""
         if self.in_flight >= self.limits.max_in_flight:
             self.refused += 1
             raise Overloaded(f"router: {self.in_flight} calls to {self.service} in flight",
@@ -164,6 +164,7 @@ class ReplicaSet:
                 f"router: {max(0.0, left) * 1e3:.1f} ms left, the fastest replica of "
                 f"{self.service} needs ~{(estimate or 0) * 1e3:.1f} ms",
                 metadata={"estimate_ms": f"{(estimate or 0) * 1e3:.1f}"})
+        return cands
 
     async def run(
         self,
@@ -182,11 +183,16 @@ class ReplicaSet:
         ``keep_open``: the winner stays counted in flight until ``finish_stream``;
         ``discard``: called with the value of an attempt that succeeded too but lost
         the race (to close its stream)."""
-        self.admit(deadline, units)
+        cands = self.admit(deadline, units)
         self.budget.on_request()
         self.in_flight += 1
         if deadline is None:
             deadline = self.clock() + self.limits.default_timeout_s
+        first = self.balancer.pick(cands, units)
+        assert first is not None  # admit saw candidates
+        if not self._hedge_armed(hedge and replay, first_message):
+            return await self._run_serial(attempt, first, deadline, units, replay,
+                                          first_message=first_message, keep_open=keep_open)
         tried: list[Endpoint] = []
         running: dict[asyncio.Task, tuple[Endpoint, int, float | None]] = {}
 
@@ -198,10 +204,8 @@ class ReplicaSet:
             tried.append(ep)
             running[asyncio.ensure_future(attempt(ep, timeout))] = (ep, token, timeout)
 
-        first = self.balancer.pick(self.candidates(self.clock()), units)
-        assert first is not None  # admit saw candidates
         launch(first)
-        hedged = not (hedge and replay)
+        hedged = False  # armed: _hedge_armed said so
         started = self.clock()
         last: BaseException | None = None
         won = False
@@ -209,7 +213,7 @@ class ReplicaSet:
             while running:
                 timeout = None
                 if not hedged:
-                    delay = self.hedge.delay_s(self.healthy(), started, first=first_message)
+                    delay = self.hedge.delay_s(self.healthy, started, first=first_message)
                     if delay is None:
                         hedged = True
                     else:
@@ -234,6 +238,8 @@ class ReplicaSet:
                         won = True
                         self._settle(ep, token, units, None, given, keep_open=keep_open,
                                      first_message=first_message)
+                        if running:  # a race won: judge the losers by their calls' age now,
+                            self._check_outliers(force=True)  # before they are cancelled
                         return win
                     self._settle(ep, token, units, exc, given)
                     last = exc
@@ -275,6 +281,53 @@ class ReplicaSet:
         # success was recorded at the first message
 
     # -- internals -----------------------------------------------------------------
+    def _hedge_armed(self, hedgeable: bool, first_message: bool) -> bool:
+        """True when this call may be hedged: a hedgeable call, hedging on, a delay
+        known, and another replica to send the hedge to."""
+        return (hedgeable and self.hedge.enabled and len(self.endpoints) > 1
+                and self.hedge.delay_s(self.healthy, self.clock(), first=first_message) is not None)
+
+    async def _run_serial(self, attempt, ep: Endpoint, deadline: float, units: int,  # noqa: ANN001
+                          replay: bool, *, first_message: bool, keep_open: bool) -> Win:
+        """``run`` without a hedge: one attempt at a time, awaited in the caller's own
+        task (no task, no wait set per attempt); the same admission, settling, retry
+        and budget rules as the hedged path. ``in_flight`` was counted by ``run``."""
+        tried: list[Endpoint] = []
+        won = False
+        try:
+            while True:
+                now = self.clock()
+                given = forward_timeout_s(deadline, reserve_s=self.limits.reserve_s, now=now)
+                ep.breaker.acquire(now)
+                token = ep.start(now)
+                tried.append(ep)
+                try:
+                    value = await attempt(ep, given)
+                except asyncio.CancelledError:
+                    # the caller left: a censored latency sample, not the replica's fault
+                    ep.finish(token, self.clock(), units=units, sample=True)
+                    ep.breaker.record(Outcome.IGNORED, self.clock())
+                    raise
+                except Exception as exc:  # noqa: BLE001 - judged below, re-raised when final
+                    self._settle(ep, token, units, exc, given)
+                    retry_after = self._retry_delay(exc, len(tried), deadline, replay)
+                    other = self._another(tried, units) if retry_after is not None else None
+                    if other is None or not self.budget.try_acquire():
+                        raise
+                    other.retries += 1
+                    if self.on_retry is not None:
+                        self.on_retry(other, "retry")
+                    await asyncio.sleep(retry_after)
+                    ep = other
+                    continue
+                won = True
+                self._settle(ep, token, units, None, given, keep_open=keep_open,
+                             first_message=first_message)
+                return Win(value, ep, token, units, len(tried))
+        finally:
+            if not (keep_open and won):
+                self.in_flight -= 1
+
     def _another(self, tried: list[Endpoint], units: int) -> Endpoint | None:
         cands = [ep for ep in self.candidates(self.clock(), exclude=tried)]
         return self.balancer.pick(cands, units)

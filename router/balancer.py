@@ -4,10 +4,17 @@ request for comparison.
 Cost of sending a call of ``units`` units of work to a replica (seconds, lower is
 better)::
 
-    (ewma_per_unit * units) * (1 + in_flight) + reported_queue_wait, divided by weight
+    (ewma_per_unit * units) * (1 + in_flight) / (1 + usual_in_flight)
+        + reported_queue_wait, divided by weight
 
-``in_flight`` is this router's calls running there and ``reported_queue_wait`` what the
-replica said its queue would make a new call wait (so several routers see one load).
+``in_flight`` is this router's calls running there, ``usual_in_flight`` the EWMA of that
+count when a call starts (the concurrency the latency EWMA was measured at: a replica
+that batches or runs calls side by side answers in its EWMA at its usual concurrency,
+so only load beyond the usual raises its cost; a serial one shows its queueing in the
+EWMA itself), and ``reported_queue_wait`` what the replica said its queue would make a
+new call wait (so several routers see one load). Without the ``usual_in_flight`` term a
+5x slower replica that is idle ties a fast one running 4 calls and takes a few % of
+the calls, which is the whole p99 (tests/router/test_slow_replica.py).
 A replica with no sample yet costs the median of its peers' EWMA (it gets traffic, and
 so samples, at once). No grpc imports.
 """
@@ -28,7 +35,8 @@ def cost(ep: Endpoint, units: int, default_per_unit: float) -> float:
     """The expected time for a call of ``units`` units on ``ep`` (see the module doc)."""
     per_unit = ep.ewma_per_unit_s if ep.ewma_per_unit_s is not None else default_per_unit
     work = per_unit * max(1, units)
-    return (work * (1 + ep.in_flight) + ep.reported_wait_s) / max(ep.weight, Endpoint.MIN_WEIGHT)
+    load = (1 + ep.in_flight) / (1 + ep.usual_in_flight)
+    return (work * load + ep.reported_wait_s) / max(ep.weight, Endpoint.MIN_WEIGHT)
 
 
 def _default_per_unit(candidates: Sequence[Endpoint]) -> float:
@@ -57,7 +65,9 @@ class Balancer:
         if self.policy == "least_request":
             low = min(ep.in_flight for ep in candidates)
             return self.rng.choice([ep for ep in candidates if ep.in_flight == low])
-        a, b = self.rng.sample(list(candidates), 2)
+        n = len(candidates)  # a uniform random pair (random.sample costs more than the pick)
+        i, j = self.rng.randrange(n), self.rng.randrange(n - 1)
+        a, b = candidates[i], candidates[j + (j >= i)]
         default = _default_per_unit(candidates)
         return a if cost(a, units, default) <= cost(b, units, default) else b
 

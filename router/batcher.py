@@ -177,6 +177,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue.extend(items)
         self._queued_tokens += sum(i.cost for i in items)
         self._arrived.set()
+        shed = self._shed_timer(items, deadline, admitted.own_s, priority)
         try:
             served: list[_Served[Out]] = await asyncio.gather(*(i.future for i in items))
         except BaseException:
@@ -184,6 +185,9 @@ class DynamicBatcher(Generic[In, Out]):
                 item.future.cancel()
             self._purge()
             raise
+        finally:
+            if shed is not None:
+                shed.cancel()
         batches: dict[int, float] = {s.batch_id: s.compute_s for s in served}
         timing = BatchTiming(
             queue_s=max(s.queue_s for s in served),
@@ -191,6 +195,29 @@ class DynamicBatcher(Generic[In, Out]):
             batch_size=max(s.batch_size for s in served),
         )
         return [s.value for s in served], timing
+
+    def _shed_timer(
+        self, items: list[_Item[In, Out]], deadline: float | None, own_s: float, priority: Priority,
+    ) -> asyncio.TimerHandle | None:
+        """Items still queued when only their own compute and a slack (15 % of the time left,
+        5-100 ms: loaded machines run late) remain of the caller's deadline are refused then
+        (``Overloaded``, with pushback): an answer before the deadline, not DEADLINE_EXCEEDED.
+        None without a caller's deadline or when the estimate never fitted (idle hop rule)."""
+        left = None if deadline is None else deadline - time.monotonic()
+        delay = None if left is None else left - own_s - max(self._admission.reserve_s, min(0.15 * left, 0.1))
+        if delay is None or delay <= 0:
+            return None
+
+        def shed() -> None:
+            waiting = {id(i) for i in self._queue}
+            late = [i for i in items if not i.future.done() and id(i) in waiting]
+            error = Overloaded(f"{self.name} could not start the request before its deadline",
+                               retry_after_s=max(0.001, self.estimated_delay_s(priority=priority)))
+            for item in late:
+                item.future.set_exception(error)
+            self._purge()
+
+        return asyncio.get_running_loop().call_later(delay, shed)
 
     def _check_hard_bounds(self, costs: Sequence[int]) -> None:
         """Refuse (Overloaded) a request the queue cannot hold: items or tokens."""

@@ -8,7 +8,7 @@ call an attempt slow). Hedges are paid from the retry budget. No grpc imports.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from router.endpoints import Endpoint, merged_percentile
 
@@ -26,13 +26,17 @@ class HedgePolicy:
         self.refresh_s = refresh_s
         self._cached: dict[bool, tuple[float, float | None]] = {}
 
-    def delay_s(self, endpoints: Sequence[Endpoint], now: float, *, first: bool = False) -> float | None:
-        """Seconds to wait before hedging, or None for no hedge."""
+    def delay_s(self, endpoints: Sequence[Endpoint] | Callable[[], Sequence[Endpoint]], now: float,
+                *, first: bool = False) -> float | None:
+        """Seconds to wait before hedging, or None for no hedge. ``endpoints`` may be a
+        function returning them, called only when the cached delay is stale."""
         if not self.enabled:
             return None
         cached = self._cached.get(first)
         if cached is not None and now - cached[0] < self.refresh_s:
             return cached[1]
+        if callable(endpoints):
+            endpoints = endpoints()
         samples = sum(len(ep.first_message if first else ep.latency) for ep in endpoints)
         value = None
         if samples >= self.min_samples:

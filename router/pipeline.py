@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from router import budget
 from router.deadlines import remaining_s
 from router.errors import InvalidArgument
+from router.guardrails import Finding, GuardrailSettings, Screen
 from router.hop_api import (
     DENSE,
     HYBRID,
@@ -74,6 +75,8 @@ class AnswerSpec:
     #: Stable renderings of the filter and the sampling parameters (cache keys).
     filter_key: str = ""
     sampling_key: str = ""
+    #: The request's guardrail policies (detector, policy) over the server's.
+    guardrails: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class AnswerFinal:
     degradations: list[str]
     sources_used: int
     cache_hit: bool = False
+    guardrails: tuple[Finding, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,9 +166,12 @@ class Pipeline:
     def __init__(
         self, upstream: Upstream, latency: budget.LatencyModel | None = None,
         default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        cache: SemanticCache | None = None,
+        cache: SemanticCache | None = None, guardrails: GuardrailSettings | None = None,
+        log_text: bool = False,
     ) -> None:
         self.upstream = upstream
+        self.guardrails = guardrails
+        self.log_text = log_text
         self.latency = latency or budget.LatencyModel()
         self.default_system_prompt = default_system_prompt
         self.cache = cache
@@ -229,6 +236,12 @@ class Pipeline:
         """The Answer stream: the sources, deltas, one ``AnswerFinal``."""
         began = time.perf_counter()
         r = spec.retrieve
+        # Guardrails first: a blocked question costs nothing; a redacted one is what is
+        # retrieved for, cached under and put in the prompt.
+        screen = None
+        if self.guardrails is not None:
+            screen = Screen(self.guardrails.with_overrides(dict(spec.guardrails)), self.log_text)
+            r = replace(r, query=screen.question(r.query))
         system_prompt = spec.system_prompt or self.default_system_prompt
         cache = self.cache if self.cache is not None and self.cache.settings.enabled else None
         partition = embedded = None
@@ -249,6 +262,8 @@ class Pipeline:
                     yield event
                 return
         retrieved = await self.retrieve(r, deadline, answering=True, embedded=embedded)
+        if screen is not None:  # a passage carrying instructions never reaches the prompt
+            retrieved.sources = screen.passages(retrieved.sources)
         yield retrieved.sources
         timings = [t for t in retrieved.timings if t.hop != "pipeline"]
         degradations = list(retrieved.degradations)
@@ -261,13 +276,16 @@ class Pipeline:
             out = await self.upstream.count_tokens(counting, messages, deadline=deadline)
             return out.tokens
 
-        probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+        context_tokens = self._context_tokens.get(counting)
+        if context_tokens is None:  # a model's window does not change: asked once
+            probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+            context_tokens = self._context_tokens[counting] = probe.max_context_tokens
         reserve = spec.max_tokens or DEFAULT_ANSWER_TOKENS
-        window = max(0, probe.max_context_tokens - reserve)
+        window = max(0, context_tokens - reserve)
         packed = await pack(
             count, system_prompt=system_prompt,
             sources=[s.text for s in retrieved.sources], history=spec.history,
-            question=spec.retrieve.query, window=window,
+            question=r.query, window=window,
         )
         dropped = len(retrieved.sources) - packed.sources_used
         if packed.truncated:
@@ -280,15 +298,27 @@ class Pipeline:
         stream = self.upstream.generate(
             GenerateCall(model, packed.messages, spec.sampling), deadline=deadline
         )
+        # Redacted deltas carry text only (their token ids no longer match it).
+        redactor = screen.answer_stream() if screen is not None else None
         try:
             async for event in stream:
                 if isinstance(event, Delta):
+                    if redactor is not None:
+                        event = Delta(redactor.feed(event.text))
+                        if not event.text:
+                            continue
                     texts.append(event.text)
                     yield event
                 else:
                     final = event
         finally:
             await stream.aclose()
+        if redactor is not None:
+            tail = redactor.flush()
+            redactor.report()
+            if tail:
+                texts.append(tail)
+                yield Delta(tail)
         self.latency.observe("generate", time.perf_counter() - t0)
         assert final is not None, "a generation stream ends with a final event"
         timings.append(final.timing)
@@ -296,10 +326,14 @@ class Pipeline:
         done = AnswerFinal(
             final.finish_reason, final.prompt_tokens, final.completion_tokens, final.model,
             timings, degradations, packed.sources_used,
+            guardrails=tuple(screen.findings) if screen is not None else (),
         )
         # Only complete answers of the full plan are kept (a degraded one is not what the
         # same question would get with time to spare).
-        if partition is not None and final.finish_reason in ("stop", "length") and not degradations:
+        # Nor answers the guardrails touched (a replay would not report their findings).
+        touched = screen is not None and bool(screen.findings)
+        if (partition is not None and final.finish_reason in ("stop", "length")
+                and not degradations and not touched):
             value = CachedAnswer(retrieved.sources, tuple(texts), done)
             cache.store(
                 partition, r.query, embedded.vectors[0] if embedded is not None else None,

@@ -71,6 +71,13 @@ async def pack(
     window: int,
 ) -> Packed:
     """Fit ``sources`` (rank order) into ``window`` tokens; see the module doc."""
+    if sources:
+        # The common case first: everything fits, one count (the prompt only grows with
+        # sources, so the question alone fits too).
+        whole = build_messages(system_prompt, list(sources), history, question)
+        tokens = await count(whole)
+        if tokens <= window:
+            return Packed(whole, tokens, len(sources), ())
     base = await count(build_messages(system_prompt, [], history, question))
     if base > window:
         raise InvalidArgument(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from router.guardrails import settings_from as guardrail_settings
 from retrieval.fusion import Fusion, FusionDefaults
 from server.config_spine import (
     ROUTER_BALANCERS,
@@ -101,11 +102,13 @@ class EmbeddingConfig:
     # its own compute, from the cost the batcher measures -- fits what is left of its
     # deadline (less a 5 ms reserve) and max_queue_delay_ms; otherwise it is refused at
     # once, before it is tokenised, with RESOURCE_EXHAUSTED/OVERLOADED and a RetryInfo
-    # saying when the work ahead will have drained enough. 5 s is a burst of a few
-    # seconds of work: 64 callers of one text each queue ~1-2 s here (15-30 ms a text on
-    # a 2-core CPU), and still fit when a loaded machine runs 2-3x slower; a backlog that
-    # would only grow is refused. 0: only the deadline bounds.
-    max_queue_delay_ms: float = 5000.0
+    # saying when the work ahead will have drained enough. 10 s (the default deadline)
+    # leaves the caller's deadline as the rule: 64 callers of one text each queue ~1-2 s
+    # here (15-30 ms a text on a 2-core CPU) and 5-8 s when a shared machine runs 4-5x
+    # slower (measured: 10-13 texts/s); a 5 s ceiling refused such callers thousands of
+    # times, and every refusal of a caller that retries costs the CPU that should embed.
+    # A backlog that would only grow is still refused. 0: only the deadline bounds.
+    max_queue_delay_ms: float = 10000.0
     # Deadline of a request that sets none, in milliseconds.
     default_deadline_ms: float = 10000.0
     # Hard bounds, whatever the deadlines: texts waiting, and their tokens (the memory the
@@ -448,6 +451,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"search.rrf_k {q.rrf_k} must be 1-1000000")
     _validate_routing(config.routing)
     _validate_router(config.router)
+    try:
+        guardrail_settings(config.pipeline.guardrails)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _validate_routing(r: RoutingConfig) -> None:

@@ -150,3 +150,11 @@ class PipelineConfig:
     cache_max_mb: float = 32.0
     cache_ttl_s: float = 3600.0
     cache_threshold: float = 0.8
+    # [pipeline.guardrails] (router/guardrails.py): a detector (email, phone, credit_card,
+    # iban, ip_address, us_ssn, prompt_injection; "pii" = every PII kind) = "off" | "flag"
+    # | "redact" | "block"; answer / passages = false skip those checks; phone_region
+    # (default "US"); overrides = false refuses per-request policies. Defaults: PII
+    # redacted, prompt injection blocked in the question, injected passages dropped. As
+    # JSON in the environment / --set. Matched text is logged only with
+    # server.log_payloads.
+    guardrails: Any = field(default_factory=dict)

@@ -24,6 +24,8 @@ from server.decoding import (
     check_enums,
     checked_requests,
     decode_error,
+    DRAIN_S,
+    drain_requests,
     safe_deserializer,
 )
 from router.errors import quote
@@ -199,6 +201,8 @@ def _around(
                         raise  # the caller left: nothing to answer
                     await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
                 except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                    if streaming_in:  # bidi: a pause may be a client waiting for an answer
+                        await drain_requests(request)
                     if _is_abort(exc):
                         raise
                     await abort_with(context, _as_backbone_error(exc, method))
@@ -224,6 +228,8 @@ def _around(
                     raise  # the caller left: nothing to answer
                 await abort_with(context, Unavailable(SHUTDOWN_MESSAGE))
             except Exception as exc:  # noqa: BLE001 - mapped, never UNKNOWN
+                if streaming_in:  # one answer at the end: the client must half-close
+                    await drain_requests(request, idle_s=DRAIN_S)  # see drain_requests
                 if _is_abort(exc):
                     raise
                 await abort_with(context, _as_backbone_error(exc, method))

@@ -114,7 +114,11 @@ class AutoRouter:
         except (asyncio.TimeoutError, BackboneError) as exc:
             log.debug("routing: embedding unavailable (%s); features decide", exc)
             return base
-        return self.scorer.score_with_embedding(base, vectors[0])
+        try:
+            return self.scorer.score_with_embedding(base, vectors[0])
+        except ValueError as exc:  # the embedding hop serves a model of another dimension
+            log.debug("routing: embedding does not fit the learned model (%s); features decide", exc)
+            return base
 
     async def decide(self, request: GenerationRequest, task: str = "") -> RouteDecision:
         """Score ``request`` and choose its tier; ``task`` is the caller's hint."""

@@ -101,6 +101,33 @@ async def relay(context: grpc.aio.ServicerContext, err: AttemptError) -> None:
     raise Unavailable(f"replica error {err.code}")
 
 
+class CallerStream:
+    """The caller's request stream as handed to a replica's call.
+
+    The guard's checks on the caller's stream (``server.decoding.checked_requests``: an
+    empty stream-in call is EMPTY_INPUT) raise while gRPC's client reads the iterator to
+    send it upstream; gRPC would swallow that and cancel the upstream call, and the
+    caller's call then hung until its deadline. Here the error ends the upstream stream
+    (half-close) and is kept; :meth:`raise_error` raises it once the replica has answered,
+    so the caller gets the same status and ErrorInfo as from the replica directly."""
+
+    def __init__(self, requests) -> None:  # noqa: ANN001 - the caller's request iterator
+        self._requests = requests
+        self.error: Exception | None = None
+
+    async def __aiter__(self):
+        try:
+            async for message in self._requests:
+                yield message
+        except Exception as exc:  # noqa: BLE001 - re-raised by raise_error
+            self.error = exc
+
+    def raise_error(self) -> None:
+        """Raise the caller stream's own error, when it had one."""
+        if self.error is not None:
+            raise self.error
+
+
 class Forwarder:
     """Generic handlers that forward one service's methods through the pool."""
 
@@ -193,16 +220,28 @@ class Forwarder:
         except AttemptError as err:
             await relay(context, err)
         call, message = win.value
-        relayed = _relay_stream(rs, win, call, message, context)
+        # The relay, inline (one generator layer less per message than _relay_stream).
+        error: AttemptError | None = None
+        caller_left = True
         try:
-            async for item in relayed:
-                yield item
-        finally:  # closed early (caller gone): the relay's own cleanup must run now
-            await relayed.aclose()
+            while message is not grpc.aio.EOF:
+                yield message
+                message = await call.read()
+            context.set_trailing_metadata(returned_metadata(await call.trailing_metadata()))
+            caller_left = False
+        except grpc.aio.AioRpcError as exc:
+            error = attempt_error(exc)
+            caller_left = False
+            await relay(context, error)
+        finally:
+            if caller_left and not call.done():
+                call.cancel()  # the caller went away (cancel, deadline, disconnect): so does the replica's call
+            rs.finish_stream(win, error, caller_cancelled=caller_left)
 
     async def _client_stream(self, service: str, method: str, requests, context) -> bytes:
         pool, rs = self._set(service)
         path, md = f"/{service}/{method}", forwarded_metadata(context)
+        requests = CallerStream(requests)
 
         async def attempt(ep, timeout):
             call = self._callable(pool, ep.address, path, "stream_unary")(requests, timeout=timeout, metadata=md)
@@ -215,7 +254,9 @@ class Forwarder:
         try:  # never replayed: the caller's stream is not buffered
             win = await rs.run(attempt, deadline=deadline_of(context))
         except AttemptError as err:
+            requests.raise_error()
             await relay(context, err)
+        requests.raise_error()
         response, trailing = win.value
         context.set_trailing_metadata(returned_metadata(trailing))
         return response
@@ -223,6 +264,7 @@ class Forwarder:
     async def _bidi(self, service: str, method: str, requests, context):
         pool, rs = self._set(service)
         path, md = f"/{service}/{method}", forwarded_metadata(context)
+        requests = CallerStream(requests)
 
         async def attempt(ep, timeout):
             return self._callable(pool, ep.address, path, "stream_stream")(requests, timeout=timeout, metadata=md), None
@@ -235,6 +277,7 @@ class Forwarder:
                 yield item
         finally:
             await relayed.aclose()
+        requests.raise_error()
 
     async def _abort_all(self, service: str, method: str, request: bytes, context) -> bytes:
         """Abort goes to every healthy replica (the router does not pin request ids to

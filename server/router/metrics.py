@@ -48,9 +48,16 @@ def watch_set(rs: ReplicaSet) -> None:
     m = get()
     m.budget.labels(rs.service).set_function(lambda: rs.budget.left)
 
+    children: dict[tuple[str, str], tuple] = {}  # labels() per call costs more than the metric
+
     def attempt(ep: Endpoint, code: str, elapsed_s: float) -> None:
-        m.requests.labels(ep.service, ep.address, code).inc()
-        m.seconds.labels(ep.service, ep.address).observe(elapsed_s)
+        key = (ep.address, code)
+        pair = children.get(key)
+        if pair is None:
+            pair = children[key] = (m.requests.labels(ep.service, ep.address, code),
+                                    m.seconds.labels(ep.service, ep.address))
+        pair[0].inc()
+        pair[1].observe(elapsed_s)
 
     rs.on_attempt = attempt
     rs.on_retry = lambda ep, kind: m.resent.labels(ep.service, ep.address, kind).inc()

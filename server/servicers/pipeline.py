@@ -24,6 +24,7 @@ from backbone.v1 import (
     vector_search_service_pb2 as vs_pb,
 )
 from router.errors import InvalidArgument, Unavailable
+from router.guardrails import settings_from as guardrail_settings
 from router.hop_api import DENSE, HYBRID, KEYWORD, Delta
 from router.pipeline import AnswerFinal, AnswerSpec, Pipeline, Source, retrieve_spec
 from router.prompt_packing import DEFAULT_SYSTEM_PROMPT
@@ -46,6 +47,10 @@ FINISH = {
     "abort": gen_pb.FINISH_REASON_ABORT,
 }
 ROLES = ("user", "assistant")
+POLICY = {
+    pb.GUARDRAIL_POLICY_OFF: "off", pb.GUARDRAIL_POLICY_FLAG: "flag",
+    pb.GUARDRAIL_POLICY_REDACT: "redact", pb.GUARDRAIL_POLICY_BLOCK: "block",
+}
 
 
 def spec_from(request: pb.RetrieveRequest):
@@ -72,6 +77,14 @@ def answer_spec_from(request: pb.AnswerRequest) -> AnswerSpec:
         or (sampling.HasField("top_k") and sampling.top_k == 1)
     )
     retrieve = request.retrieve
+    guardrails = []
+    for detector, policy in sorted(request.guardrails.items()):
+        if policy not in POLICY:  # UNSPECIFIED: the server's policy
+            if policy != pb.GUARDRAIL_POLICY_UNSPECIFIED:
+                raise InvalidArgument(f"unknown guardrail policy value {policy}",
+                                      metadata={"field": "guardrails"})
+            continue
+        guardrails.append((detector, POLICY[policy]))
     return AnswerSpec(
         retrieve=spec_from(request.retrieve),
         model=request.model,
@@ -79,9 +92,10 @@ def answer_spec_from(request: pb.AnswerRequest) -> AnswerSpec:
         max_tokens=sampling.max_tokens if sampling and sampling.HasField("max_tokens") else None,
         system_prompt=request.system_prompt,
         history=tuple((t.role, t.content) for t in request.history),
-        cacheable=deterministic and not request.skip_cache,
+        cacheable=deterministic and not request.skip_cache and not guardrails,
         filter_key=retrieve.filter.SerializeToString(deterministic=True).hex(),
         sampling_key=sampling.SerializeToString(deterministic=True).hex() if sampling else "",
+        guardrails=tuple(guardrails),
     )
 
 
@@ -109,6 +123,10 @@ def final_to_proto(final: AnswerFinal) -> pb.AnswerResponse:
         degradations=final.degradations,
         cache_hit=final.cache_hit,
         sources_used=final.sources_used,
+        guardrails=[pb.GuardrailFinding(
+            detector=f.detector, target=f.target, action=f.action, count=f.count,
+            source_id=f.source_id,
+        ) for f in final.guardrails],
     ))
 
 
@@ -134,7 +152,8 @@ class PipelineHop:
         ))
         self.pipeline = Pipeline(
             self._upstreams, default_system_prompt=cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
-            cache=self.cache,
+            cache=self.cache, guardrails=guardrail_settings(cfg.guardrails),
+            log_text=ctx.config.server.log_payloads,
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

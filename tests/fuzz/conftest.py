@@ -12,6 +12,7 @@ import pytest
 from server.engines.generator import model_specs
 from server.servicers.embedding import EmbeddingHop
 from server.servicers.generation import GenerationHop
+from server.servicers.pipeline import PipelineHop
 from server.servicers.rerank import RerankHop
 from server.servicers.search import SearchHop
 from tests.conftest import make_config, running
@@ -19,13 +20,15 @@ from tests.fuzz.fakes import EchoGenerator, FakeEmbedder, FakeReranker
 
 
 def default_hops(config):
-    """The embedded default's hops with fake engines (in its start order)."""
+    """The embedded default's hops with fake engines (in its start order; the pipeline
+    reaches the other four in-process)."""
     spec = model_specs(config.generation)[0]
     return [
         EmbeddingHop(FakeEmbedder()),
         SearchHop(),
         RerankHop(FakeReranker()),
         GenerationHop({spec.name: EchoGenerator()}),
+        PipelineHop(),
     ]
 
 

@@ -87,3 +87,20 @@ async def test_an_empty_bidi_stream_ends_ok(default_server):
     _, channel = default_server
     code, err = await raw_call(channel, "/backbone.v1.EmbeddingService/EmbedStream", True, True, [])
     assert code == grpc.StatusCode.OK, err
+
+
+async def test_auto_routing_with_an_embedding_of_another_dimension_is_no_internal_error(tmp_path):
+    """Found by the fuzz bench: ``model="auto"`` scored with an embedding hop whose vectors
+    do not fit the learned model (8 dimensions against 384 weights) raised ValueError, an
+    INTERNAL per call; the features decide then, as when the embedding is unavailable."""
+    from backbone.v1 import generation_service_pb2 as gen, generation_service_pb2_grpc as gen_grpc
+    from tests.conftest import make_config, running
+    from tests.fuzz.conftest import default_hops
+
+    config = make_config(search={"data_dir": str(tmp_path / "data")}, routing={"learned": "always"})
+    async with running(config, default_hops(config)) as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = gen_grpc.GenerationServiceStub(channel).Generate(
+                gen.GenerateRequest(model="auto", prompt="why is the sky blue? explain it step by step"), timeout=30)
+            finals = [m async for m in call if m.HasField("final")]
+    assert len(finals) == 1

@@ -4,12 +4,15 @@ one rate-limited line."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import time
 
 import grpc
 import pytest
 
-from server.decoding import MAX_STRUCT_DEPTH, RateLimitedLog
+from server.decoding import MAX_STRUCT_DEPTH, RateLimitedLog, drain_requests
 from tests.fuzz.wire import check_error, contract_methods, raw_call
 from tests.server.server_fakes import only_error_info
 
@@ -144,3 +147,81 @@ def test_rate_limited_log_writes_one_line_per_period_with_the_suppressed_count(c
         now[0] = 10.0
         assert journal.warning("bad %s", "y")
     assert [r.getMessage() for r in caplog.records] == ["bad x", "bad y (999 more suppressed)"]
+
+
+async def test_an_error_at_the_first_of_several_stream_messages_reaches_the_client(default_server):
+    """The call fails at message 1 while the client still writes 2 and 3: the server reads
+    the rest of the stream before answering, so the client gets INVALID_ARGUMENT, not its
+    own failed write ("Internal error from Core", INTERNAL: ~1 in 10 EmbedStream calls
+    before the fix)."""
+    _, channel = default_server
+    bad = bytes.fromhex("1204fffec080")  # EmbedStreamRequest.id with invalid UTF-8
+    messages = [bad, bytes.fromhex("0a0320911b") + bad, bad * 100]
+    codes = collections.Counter()
+    for _ in range(80):
+        for method in (EMB + "EmbedStream", VS + "Upsert"):
+            code, err = await raw_call(channel, method, True, method.endswith("Stream"), messages)
+            codes[code] += 1
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, err and err.details())
+            assert check_error(err) == "INVALID_INPUT"
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 160}
+
+
+async def test_draining_a_stream_that_never_ends_is_bounded():
+    gate = asyncio.Event()
+
+    async def endless():
+        yield b"one"
+        await gate.wait()  # the client never half-closes
+        yield b"never"
+
+    started = time.monotonic()
+    assert await drain_requests(endless(), limit_s=0.2) == 1
+    assert time.monotonic() - started < 5
+
+    async def many():
+        for _ in range(10):
+            yield b"x"
+
+    assert await drain_requests(many(), max_messages=3) == 3
+
+
+@pytest.mark.slow
+async def test_the_log_after_10000_undecodable_requests_is_under_100_kib(default_server, captured_log):
+    """The issue's bound, at its scale: 10,000 undecodable unary requests (every unary-in
+    RPC, the reproducers' bytes) leave under 100 KiB of log, and no traceback."""
+    _, channel = default_server
+    methods = [(m, cs, ss) for m, cs, ss in contract_methods() if not cs]
+    garbage = [bytes.fromhex(h) for h in ("ffffffff", "0a02fffe", "1a100a", "ff")]
+    todo = list(range(10_000))
+    codes = collections.Counter()
+
+    async def caller() -> None:
+        while todo:
+            i = todo.pop()
+            method, cs, ss = methods[i % len(methods)]
+            code, err = await raw_call(channel, method, cs, ss, [garbage[i % len(garbage)]], timeout=60)
+            codes[code] += 1
+            if err is not None:
+                check_error(err)
+
+    await asyncio.gather(*(caller() for _ in range(32)))
+    assert sum(codes.values()) == 10_000
+    assert codes[grpc.StatusCode.INVALID_ARGUMENT] >= 9_000, codes
+    log_text = captured_log.getvalue()
+    assert len(log_text.encode()) < 100 * 1024, len(log_text)
+    assert "Traceback" not in log_text
+
+
+async def test_a_bad_first_message_then_a_1_mb_one_in_a_bidi_stream_is_invalid_argument(default_server):
+    """Found by the fuzz bench on the real default: an empty EmbedStream message (no
+    request) then a 1 MB one; the 1 MB message took longer than the first drain's 50 ms
+    pause to arrive on a loaded box, and the client saw INTERNAL."""
+    from backbone.v1 import embedding_service_pb2 as emb
+
+    _, channel = default_server
+    big = emb.EmbedStreamRequest(id="2", request=emb.EmbedRequest(inputs=["z" * 1_000_000])).SerializeToString()
+    for _ in range(5):
+        code, err = await raw_call(channel, EMB + "EmbedStream", True, True, [b"", big])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, err and err.details())
+        check_error(err)

@@ -51,7 +51,7 @@ def make_requests(passages: list[str], count: int, seed: int) -> list[tuple[str,
 
 async def serve_and_collect(engine, requests, **batching):
     """Send every request concurrently to a fresh server; the responses in order."""
-    config = make_config(rerank={"max_batch_size": 16, "max_wait_ms": 5, **batching})
+    config = make_config(rerank={"max_batch_size": 16, "max_wait_ms": 5, "max_queue_delay_ms": 0, **batching})
     async with running(config, [RerankHop(engine=engine)]) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.RerankServiceStub(channel)

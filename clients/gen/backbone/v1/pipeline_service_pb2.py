@@ -28,13 +28,17 @@ from backbone.v1 import vector_search_service_pb2 as backbone_dot_v1_dot_vector_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"backbone/v1/pipeline_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\x1a$backbone/v1/generation_service.proto\x1a\'backbone/v1/vector_search_service.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x14\n\x0csearch_top_k\x18\x03 \x01(\r\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0bskip_rerank\x18\x05 \x01(\x08\x12#\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x13.backbone.v1.Filter\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.backbone.v1.SearchMode\"y\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0csearch_score\x18\x03 \x01(\x02\x12\x14\n\x0crerank_score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"w\n\x10RetrieveResponse\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\x12\'\n\x07timings\x18\x02 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\x14\n\x0c\x64\x65gradations\x18\x03 \x03(\t\"\xd3\x01\n\rAnswerRequest\x12.\n\x08retrieve\x18\x01 \x01(\x0b\x32\x1c.backbone.v1.RetrieveRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12)\n\x07history\x18\x05 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\x12\x12\n\nskip_cache\x18\x06 \x01(\x08\"5\n\rAnswerSources\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\"\xd9\x01\n\x0b\x41nswerFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65gradations\x18\x05 \x03(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x14\n\x0csources_used\x18\x07 \x01(\r\"\xa0\x01\n\x0e\x41nswerResponse\x12-\n\x07sources\x18\x01 \x01(\x0b\x32\x1a.backbone.v1.AnswerSourcesH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.backbone.v1.AnswerFinalH\x00\x42\x07\n\x05\x65vent2\x9f\x01\n\x0fPipelineService\x12G\n\x08Retrieve\x12\x1c.backbone.v1.RetrieveRequest\x1a\x1d.backbone.v1.RetrieveResponse\x12\x43\n\x06\x41nswer\x12\x1a.backbone.v1.AnswerRequest\x1a\x1b.backbone.v1.AnswerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"backbone/v1/pipeline_service.proto\x12\x0b\x62\x61\x63kbone.v1\x1a\x18\x62\x61\x63kbone/v1/common.proto\x1a$backbone/v1/generation_service.proto\x1a\'backbone/v1/vector_search_service.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x14\n\x0csearch_top_k\x18\x03 \x01(\r\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0bskip_rerank\x18\x05 \x01(\x08\x12#\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x13.backbone.v1.Filter\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.backbone.v1.SearchMode\"y\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0csearch_score\x18\x03 \x01(\x02\x12\x14\n\x0crerank_score\x18\x04 \x01(\x02\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"w\n\x10RetrieveResponse\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\x12\'\n\x07timings\x18\x02 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\x14\n\x0c\x64\x65gradations\x18\x03 \x03(\t\"\xe4\x02\n\rAnswerRequest\x12.\n\x08retrieve\x18\x01 \x01(\x0b\x32\x1c.backbone.v1.RetrieveRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.backbone.v1.SamplingParams\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12)\n\x07history\x18\x05 \x03(\x0b\x32\x18.backbone.v1.ChatMessage\x12\x12\n\nskip_cache\x18\x06 \x01(\x08\x12>\n\nguardrails\x18\x07 \x03(\x0b\x32*.backbone.v1.AnswerRequest.GuardrailsEntry\x1aO\n\x0fGuardrailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0e\x32\x1c.backbone.v1.GuardrailPolicy:\x02\x38\x01\"f\n\x10GuardrailFinding\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x11\n\tsource_id\x18\x05 \x01(\t\"5\n\rAnswerSources\x12$\n\x07sources\x18\x01 \x03(\x0b\x32\x13.backbone.v1.Source\"\x8c\x02\n\x0b\x41nswerFinal\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.backbone.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.backbone.v1.Usage\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.backbone.v1.HopTiming\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65gradations\x18\x05 \x03(\t\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x14\n\x0csources_used\x18\x07 \x01(\r\x12\x31\n\nguardrails\x18\x08 \x03(\x0b\x32\x1d.backbone.v1.GuardrailFinding\"\xa0\x01\n\x0e\x41nswerResponse\x12-\n\x07sources\x18\x01 \x01(\x0b\x32\x1a.backbone.v1.AnswerSourcesH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.backbone.v1.GenerateDeltaH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.backbone.v1.AnswerFinalH\x00\x42\x07\n\x05\x65vent*\xa1\x01\n\x0fGuardrailPolicy\x12 \n\x1cGUARDRAIL_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14GUARDRAIL_POLICY_OFF\x10\x01\x12\x19\n\x15GUARDRAIL_POLICY_FLAG\x10\x02\x12\x1b\n\x17GUARDRAIL_POLICY_REDACT\x10\x03\x12\x1a\n\x16GUARDRAIL_POLICY_BLOCK\x10\x04\x32\x9f\x01\n\x0fPipelineService\x12G\n\x08Retrieve\x12\x1c.backbone.v1.RetrieveRequest\x1a\x1d.backbone.v1.RetrieveResponse\x12\x43\n\x06\x41nswer\x12\x1a.backbone.v1.AnswerRequest\x1a\x1b.backbone.v1.AnswerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backbone.v1.pipeline_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ANSWERREQUEST_GUARDRAILSENTRY']._loaded_options = None
+  _globals['_ANSWERREQUEST_GUARDRAILSENTRY']._serialized_options = b'8\001'
+  _globals['_GUARDRAILPOLICY']._serialized_start=1572
+  _globals['_GUARDRAILPOLICY']._serialized_end=1733
   _globals['_RETRIEVEREQUEST']._serialized_start=187
   _globals['_RETRIEVEREQUEST']._serialized_end=373
   _globals['_SOURCE']._serialized_start=375
@@ -42,13 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVERESPONSE']._serialized_start=498
   _globals['_RETRIEVERESPONSE']._serialized_end=617
   _globals['_ANSWERREQUEST']._serialized_start=620
-  _globals['_ANSWERREQUEST']._serialized_end=831
-  _globals['_ANSWERSOURCES']._serialized_start=833
-  _globals['_ANSWERSOURCES']._serialized_end=886
-  _globals['_ANSWERFINAL']._serialized_start=889
-  _globals['_ANSWERFINAL']._serialized_end=1106
-  _globals['_ANSWERRESPONSE']._serialized_start=1109
-  _globals['_ANSWERRESPONSE']._serialized_end=1269
-  _globals['_PIPELINESERVICE']._serialized_start=1272
-  _globals['_PIPELINESERVICE']._serialized_end=1431
+  _globals['_ANSWERREQUEST']._serialized_end=976
+  _globals['_ANSWERREQUEST_GUARDRAILSENTRY']._serialized_start=897
+  _globals['_ANSWERREQUEST_GUARDRAILSENTRY']._serialized_end=976
+  _globals['_GUARDRAILFINDING']._serialized_start=978
+  _globals['_GUARDRAILFINDING']._serialized_end=1080
+  _globals['_ANSWERSOURCES']._serialized_start=1082
+  _globals['_ANSWERSOURCES']._serialized_end=1135
+  _globals['_ANSWERFINAL']._serialized_start=1138
+  _globals['_ANSWERFINAL']._serialized_end=1406
+  _globals['_ANSWERRESPONSE']._serialized_start=1409
+  _globals['_ANSWERRESPONSE']._serialized_end=1569
+  _globals['_PIPELINESERVICE']._serialized_start=1736
+  _globals['_PIPELINESERVICE']._serialized_end=1895
 # @@protoc_insertion_point(module_scope)

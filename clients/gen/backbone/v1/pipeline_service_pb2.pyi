@@ -3,12 +3,26 @@ from backbone.v1 import generation_service_pb2 as _generation_service_pb2
 from backbone.v1 import vector_search_service_pb2 as _vector_search_service_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class GuardrailPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUARDRAIL_POLICY_UNSPECIFIED: _ClassVar[GuardrailPolicy]
+    GUARDRAIL_POLICY_OFF: _ClassVar[GuardrailPolicy]
+    GUARDRAIL_POLICY_FLAG: _ClassVar[GuardrailPolicy]
+    GUARDRAIL_POLICY_REDACT: _ClassVar[GuardrailPolicy]
+    GUARDRAIL_POLICY_BLOCK: _ClassVar[GuardrailPolicy]
+GUARDRAIL_POLICY_UNSPECIFIED: GuardrailPolicy
+GUARDRAIL_POLICY_OFF: GuardrailPolicy
+GUARDRAIL_POLICY_FLAG: GuardrailPolicy
+GUARDRAIL_POLICY_REDACT: GuardrailPolicy
+GUARDRAIL_POLICY_BLOCK: GuardrailPolicy
 
 class RetrieveRequest(_message.Message):
     __slots__ = ("query", "collection", "search_top_k", "top_n", "skip_rerank", "filter", "mode")
@@ -53,20 +67,43 @@ class RetrieveResponse(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., degradations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("retrieve", "model", "sampling", "system_prompt", "history", "skip_cache")
+    __slots__ = ("retrieve", "model", "sampling", "system_prompt", "history", "skip_cache", "guardrails")
+    class GuardrailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: GuardrailPolicy
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[GuardrailPolicy, str]] = ...) -> None: ...
     RETRIEVE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     retrieve: RetrieveRequest
     model: str
     sampling: _generation_service_pb2.SamplingParams
     system_prompt: str
     history: _containers.RepeatedCompositeFieldContainer[_generation_service_pb2.ChatMessage]
     skip_cache: bool
-    def __init__(self, retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_service_pb2.SamplingParams, _Mapping]] = ..., system_prompt: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_generation_service_pb2.ChatMessage, _Mapping]]] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
+    guardrails: _containers.ScalarMap[str, GuardrailPolicy]
+    def __init__(self, retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_generation_service_pb2.SamplingParams, _Mapping]] = ..., system_prompt: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_generation_service_pb2.ChatMessage, _Mapping]]] = ..., skip_cache: _Optional[bool] = ..., guardrails: _Optional[_Mapping[str, GuardrailPolicy]] = ...) -> None: ...
+
+class GuardrailFinding(_message.Message):
+    __slots__ = ("detector", "target", "action", "count", "source_id")
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    detector: str
+    target: str
+    action: str
+    count: int
+    source_id: str
+    def __init__(self, detector: _Optional[str] = ..., target: _Optional[str] = ..., action: _Optional[str] = ..., count: _Optional[int] = ..., source_id: _Optional[str] = ...) -> None: ...
 
 class AnswerSources(_message.Message):
     __slots__ = ("sources",)
@@ -75,7 +112,7 @@ class AnswerSources(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[Source, _Mapping]]] = ...) -> None: ...
 
 class AnswerFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "model", "degradations", "cache_hit", "sources_used")
+    __slots__ = ("finish_reason", "usage", "timings", "model", "degradations", "cache_hit", "sources_used", "guardrails")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +120,7 @@ class AnswerFinal(_message.Message):
     DEGRADATIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     SOURCES_USED_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _generation_service_pb2.FinishReason
     usage: _common_pb2.Usage
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.HopTiming]
@@ -90,7 +128,8 @@ class AnswerFinal(_message.Message):
     degradations: _containers.RepeatedScalarFieldContainer[str]
     cache_hit: bool
     sources_used: int
-    def __init__(self, finish_reason: _Optional[_Union[_generation_service_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., model: _Optional[str] = ..., degradations: _Optional[_Iterable[str]] = ..., cache_hit: _Optional[bool] = ..., sources_used: _Optional[int] = ...) -> None: ...
+    guardrails: _containers.RepeatedCompositeFieldContainer[GuardrailFinding]
+    def __init__(self, finish_reason: _Optional[_Union[_generation_service_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.HopTiming, _Mapping]]] = ..., model: _Optional[str] = ..., degradations: _Optional[_Iterable[str]] = ..., cache_hit: _Optional[bool] = ..., sources_used: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[GuardrailFinding, _Mapping]]] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
     __slots__ = ("sources", "delta", "final")
