@@ -43,9 +43,7 @@ import ipaddress
 import os
 import platform
 import secrets
-import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,14 +60,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from backbone.v1 import embedding_service_pb2
 from clients.errors import from_rpc_error
-from perf.embed_bench import (
-    DEFAULT_SERVER_CMD,
-    EMBED_SERVICE,
-    REPO_ROOT,
-    ServerProcess,
-    free_port,
-    wait_for_serving,
-)
+from perf.embed_bench import DEFAULT_SERVER_CMD, EMBED_SERVICE
+from perf.harness import REPO_ROOT, ServerProcess, start_backbone_server
 from perf.report import fmt, latency_summary, markdown_table, write_json
 
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
@@ -200,24 +192,9 @@ def start_server(
     credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     """Start one embedding server from ``command`` plus ``--set`` items; wait for SERVING."""
-    port = free_port()
-    argv = shlex.split(command.format(python=shlex.quote(sys.executable), port=port))
-    for item in extra_sets:
-        argv += ["--set", item]
-    log_path = log_dir / f"{name}_server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = ServerProcess(f"embedding server ({name})", "127.0.0.1", port, proc, log_path)
-    try:
-        waited = wait_for_serving(server, EMBED_SERVICE, startup_timeout_s, credentials=credentials)
-    except BaseException:
-        server.stop(grace_s=5)
-        raise
-    print(f"[bench] {server.name} pid {proc.pid} SERVING on {server.target} after {waited:.1f}s",
-          file=sys.stderr)
-    return server
+    return start_backbone_server(command, log_dir, EMBED_SERVICE, startup_timeout_s,
+                                 name=f"embedding server {name}", extra_sets=extra_sets,
+                                 credentials=credentials)
 
 
 @contextlib.contextmanager

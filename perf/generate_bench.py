@@ -41,10 +41,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from perf.embed_bench import ServerProcess, free_port, log_tail, wait_for_serving
+from perf.harness import REPO_ROOT, ServerProcess, free_port, log_tail
+from perf.harness import start_server as start_server_process
 from perf.report import latency_summary, markdown_table, median, read_json, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
 DEFAULT_SERVER_CMD = (
     "{python} -m server.main serve generation --port {port} --set server.metrics_port=0"
@@ -243,22 +243,12 @@ async def inprocess_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_server(args: argparse.Namespace, log_path: Path) -> ServerProcess:
-    """``backbone serve generation`` in its own process, SERVING."""
+    """``backbone serve generation`` in its own process, SERVING (perf/harness.py)."""
     port = free_port()
     command = args.server_cmd.format(python=shlex.quote(sys.executable), port=port)
     argv = shlex.split(command) + _passthrough(args)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = ServerProcess("generation server", "127.0.0.1", port, proc, log_path)
-    try:
-        waited = wait_for_serving(server, GENERATION_SERVICE, args.startup_timeout)
-    except BaseException:
-        server.stop(grace_s=10)
-        raise
-    print(f"[bench] server pid {proc.pid} SERVING after {waited:.1f}s", file=sys.stderr)
-    return server
+    return start_server_process(argv, "generation server", port, GENERATION_SERVICE,
+                                args.startup_timeout, log_path)
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:

@@ -34,11 +34,12 @@ from pathlib import Path
 from perf.milvus_lite_server import milvus_lite
 from perf.report import markdown_table, median
 from perf.search_bench import (
-    Server,
     create,
     ground_truth,
     load_test,
     recall,
+    start_search_server,
+    stop,
     synthetic,
     upload,
 )
@@ -74,24 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="milvus-bench-") as tmp:
         uri = stack.enter_context(milvus_lite(Path(tmp) / "milvus"))
         servers = {
-            "faiss": Server(Path(tmp) / "faiss"),
-            "milvus": Server(Path(tmp) / "unused", extra=[
+            "faiss": start_search_server(Path(tmp) / "faiss"),
+            "milvus": start_search_server(Path(tmp) / "unused", extra=[
                 "--set", "search.backend=milvus", "--set", f"search.milvus_uri={uri}",
                 "--set", "search.milvus_timeout_s=600",
             ]),
         }
         for server in servers.values():
-            stack.callback(server.stop)
+            stack.callback(stop, server)
         for name, server in servers.items():
-            create(server.address, COLLECTION, args.dim, pb.INDEX_KIND_HNSW)
-            results[name]["ingest_s"] = upload(server.address, COLLECTION, base, per_message=1000)
+            create(server.target, COLLECTION, args.dim, pb.INDEX_KIND_HNSW)
+            results[name]["ingest_s"] = upload(server.target, COLLECTION, base, per_message=1000)
             if name == "milvus":
                 results[name]["indexed_s"] = _wait_indexed(uri, args.n)
             print(f"{name}: {args.n} vectors in {results[name]['ingest_s']:.1f} s", file=sys.stderr)
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
-                run = _round(servers[name].address, COLLECTION, queries, args.k,
+                run = _round(servers[name].target, COLLECTION, queries, args.k,
                              args.concurrency, args.requests)
                 found = run.pop("found")
                 ids = [found.get(i, []) for i in range(len(queries))]

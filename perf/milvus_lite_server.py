@@ -3,38 +3,36 @@
 milvus-lite 3.x is a pure-Python engine with a Milvus-protocol gRPC server
 (``python -m milvus_lite server``); pymilvus talks to it exactly as to Milvus
 Standalone / Distributed. Its ``--port 0`` does not report the port it bound, so a free
-port is picked here first (bind, read, close; the tiny race with another process taking
-it in between surfaces as a start timeout).
+port is picked here first (perf/harness.py's ``free_port``; the tiny race with another
+process taking it in between surfaces as a start timeout). The process is started and
+stopped by the harness; only the readiness probe is Milvus's own (it has no gRPC health).
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from perf.harness import ServerProcess, free_port, log_tail, spawn
+
 START_TIMEOUT_S = 60.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free on ``host`` a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(uri: str, proc: subprocess.Popen, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_ready(
+    uri: str, proc: subprocess.Popen, timeout_s: float = START_TIMEOUT_S, log_path: Path | None = None
+) -> None:
     """Return once ``uri`` answers a Milvus call; raise if the process died or time ran out."""
     from pymilvus import MilvusClient
 
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"milvus-lite exited with {proc.returncode} before serving")
+            raise RuntimeError(f"milvus-lite exited with {proc.returncode} before serving:\n"
+                               f"{log_tail(log_path)}")
         try:
             client = MilvusClient(uri=uri, timeout=2)
             client.list_collections()
@@ -48,21 +46,17 @@ def wait_ready(uri: str, proc: subprocess.Popen, timeout_s: float = START_TIMEOU
 
 @contextlib.contextmanager
 def milvus_lite(data_dir: str | Path, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run ``python -m milvus_lite server`` on ``data_dir``; yields its ``http://`` URI."""
+    """Run ``python -m milvus_lite server`` on ``data_dir``; yields its ``http://`` URI.
+
+    Its output goes to ``milvus_lite.log`` beside ``data_dir``."""
     port = free_port(host)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
-         "--host", host, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
+    log_path = Path(data_dir).parent / "milvus_lite.log"
+    proc = spawn([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
+                  "--host", host, "--port", str(port)], log_path)
+    server = ServerProcess("milvus-lite", host, port, proc, log_path)
     uri = f"http://{host}:{port}"
     try:
-        wait_ready(uri, proc)
+        wait_ready(uri, proc, log_path=log_path)
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(grace_s=10)

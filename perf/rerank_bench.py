@@ -29,17 +29,15 @@ import json
 import os
 import platform
 import random
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from perf.embed_bench import ServerProcess, free_port, wait_for_serving
+from perf.harness import REPO_ROOT, ServerProcess, start_backbone_server
 from perf.report import latency_summary, markdown_table, read_json, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MSMARCO_DIR = REPO_ROOT.parent / "shared" / "datasets" / "msmarco"
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
 DEFAULT_SERVER_CMD = "{python} -m server.main serve rerank --port {port} --set server.metrics_port=0"
@@ -172,24 +170,11 @@ def inprocess_main(args: argparse.Namespace) -> int:
 
 
 def start_server(args: argparse.Namespace, log_dir: Path, name: str, extra_sets: list[str]) -> ServerProcess:
-    """Start the rerank server as its own process and wait for SERVING."""
-    port = free_port()
-    argv = shlex.split(args.server_cmd.format(python=shlex.quote(sys.executable), port=port))
-    for item in [*engine_sets(args), *extra_sets]:
-        argv += ["--set", item]
-    log_path = log_dir / f"rerank_server_{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = ServerProcess(f"rerank server ({name})", "127.0.0.1", port, proc, log_path)
-    try:
-        waited = wait_for_serving(server, RERANK_SERVICE, args.startup_timeout)
-    except BaseException:
-        server.stop(grace_s=5)
-        raise
-    print(f"[bench] {server.name} pid {proc.pid} SERVING after {waited:.1f}s", file=sys.stderr)
-    return server
+    """Start the rerank server as its own process and wait for SERVING (perf/harness.py)."""
+    return start_backbone_server(
+        args.server_cmd, log_dir, RERANK_SERVICE, args.startup_timeout,
+        name=f"rerank server {name}", extra_sets=[*engine_sets(args), *extra_sets],
+    )
 
 
 def engine_sets(args: argparse.Namespace) -> list[str]:

@@ -28,14 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from perf.harness import READY_PREFIX, child_env, start_announced
 from perf.report import latency_summary, markdown_table
 from router.complexity import DEFAULT_PROMPTS, ComplexityScorer, read_prompts
 from router.model_routing import ModelRouter, TierLoad, tiers_from
@@ -196,9 +197,11 @@ async def serve() -> None:
     hop = GenerationHop(generators={config.generation.model_name: InstantGenerator()})
     server = BackboneServer(config, [EmbeddingHop(), hop])
     await server.start()
-    print(server.port, flush=True)
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    print(f"{READY_PREFIX}127.0.0.1:{server.port}", flush=True)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await stopped.wait()
     finally:
         await server.stop(grace=1)
 
@@ -234,18 +237,12 @@ def e2e(rows, rounds: int) -> dict[str, Any]:
     """Start the server process, run the rounds, stop it."""
     from server.config import GenerationConfig
 
-    proc = subprocess.Popen([sys.executable, "-m", "perf.route_eval", "--serve"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server = start_announced([sys.executable, "-m", "perf.route_eval", "--serve"],
+                             "route_eval server", env=child_env(keep_backbone=True))
     try:
-        port = int(proc.stdout.readline())
-        return asyncio.run(ttft_rounds(f"127.0.0.1:{port}", rows,
-                                       GenerationConfig().model_name, rounds))
+        return asyncio.run(ttft_rounds(server.target, rows, GenerationConfig().model_name, rounds))
     finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop(grace_s=30)
 
 
 def main(argv: list[str] | None = None) -> int:

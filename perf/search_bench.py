@@ -29,8 +29,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from perf.harness import REPO_ROOT as REPO
+from perf.harness import ServerProcess, start_announced
 
 
 # ------------------------------------------------------------------ data
@@ -75,50 +74,39 @@ def recall(found: list[list[int]], truth: np.ndarray, k: int) -> float:
 # ------------------------------------------------------------------ server process
 
 
-class Server:
-    """``python -m server.main serve search`` on a free port."""
+def start_search_server(data_dir: Path, durable: bool = True, extra: list[str] | None = None) -> ServerProcess:
+    """``python -m server.main serve search --port 0`` (perf/harness.py), ready once it
+    prints its address; its log goes beside ``data_dir``. ``started_s`` is the load time."""
+    argv = [
+        sys.executable, "-m", "server.main", "serve", "search", "--port", "0",
+        "--set", f"search.data_dir={data_dir}",
+        "--set", f"search.durable={'true' if durable else 'false'}",
+        "--set", "server.metrics_port=0",
+        "--set", "server.max_message_bytes=16777216",
+        *(extra or []),
+    ]  # fmt: skip
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    return start_announced(argv, "search server", log_path, timeout_s=3600)
 
-    def __init__(self, data_dir: Path, durable: bool = True, extra: list[str] | None = None):
-        args = [
-            sys.executable, "-m", "server.main", "serve", "search", "--port", "0",
-            "--set", f"search.data_dir={data_dir}",
-            "--set", f"search.durable={'true' if durable else 'false'}",
-            "--set", "server.metrics_port=0",
-            "--set", "server.max_message_bytes=16777216",
-            *(extra or []),
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
-        began = time.perf_counter()
-        self.proc = subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                raise RuntimeError(f"server exited with {self.proc.wait()}")
-            if line.startswith("backbone serving on "):
-                self.address = line.split()[-1]
-                break
-        self.start_s = time.perf_counter() - began
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process."""
-        import psutil
+def rss_bytes(server: ServerProcess) -> int:
+    """Resident memory of the server process."""
+    import psutil
 
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
+    return int(psutil.Process(server.pid).memory_info().rss)
 
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) the server process has used so far."""
-        import psutil
 
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
+def cpu_s(server: ServerProcess) -> float:
+    """CPU seconds (user + system) the server process has used so far."""
+    import psutil
 
-    def stop(self) -> None:
-        """SIGTERM (graceful: snapshots), then wait."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=3600)
+    times = psutil.Process(server.pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def stop(server: ServerProcess) -> None:
+    """SIGTERM (graceful: it snapshots), then wait as long as that takes."""
+    server.stop(grace_s=3600)
 
 
 # ------------------------------------------------------------------ client side
@@ -314,44 +302,50 @@ def main(argv: list[str] | None = None) -> int:
 
     print("building through the server (durable Upsert stream) ...", flush=True)
     extra = [item for kv in args.server_set for item in ("--set", kv)]
-    server = Server(root / "main", extra=extra)
-    create(server.address, "bench", args.dim, kind)
-    build_s = upload(server.address, "bench", base)
-    server.stop()
-    server = Server(root / "main", extra=extra)  # loads the snapshot written on graceful stop
-    load_s = server.start_s
-    rss = server.rss_bytes()
+    server = start_search_server(root / "main", extra=extra)
+    create(server.target, "bench", args.dim, kind)
+    build_s = upload(server.target, "bench", base)
+    print(f"  built in {build_s:.1f} s ({args.n / build_s:.0f} vectors/s)", flush=True)
+    stop(server)
+    server = start_search_server(root / "main", extra=extra)  # loads the snapshot written on stop
+    load_s = server.started_s
+    rss = rss_bytes(server)
+    print(f"  restart (load snapshot) {load_s:.1f} s, server RSS {rss / 2**30:.2f} GiB", flush=True)
     print(f"load test: {args.concurrency} callers, {args.requests} searches ...", flush=True)
-    cpu_before = server.cpu_s()
+    cpu_before = cpu_s(server)
     client_before = time.process_time()
     grpc_result = asyncio.run(
-        load_test(server.address, "bench", queries, args.k, args.concurrency, args.requests)
+        load_test(server.target, "bench", queries, args.k, args.concurrency, args.requests)
     )
     # CPU time per request, server and client: robust to other load on a shared machine.
     grpc_result["server_cpu_ms_per_request"] = (
-        (server.cpu_s() - cpu_before) * 1000 / max(1, grpc_result["requests"])
+        (cpu_s(server) - cpu_before) * 1000 / max(1, grpc_result["requests"])
     )
     grpc_result["client_cpu_ms_per_request"] = (
         (time.process_time() - client_before) * 1000 / max(1, grpc_result["requests"])
     )
-    floor = asyncio.run(floor_test(server.address, "bench", args.concurrency, args.requests))
-    server.stop()
+    floor = asyncio.run(floor_test(server.target, "bench", args.concurrency, args.requests))
+    stop(server)
     grpc_found = grpc_result.pop("found")
     grpc_result["recall@k"] = recall([grpc_found[i] for i in sorted(grpc_found)],
                                      truth[sorted(grpc_found)], args.k)  # fmt: skip
+    print(f"  gRPC search p50 {grpc_result['p50_ms']:.2f} ms, p99 {grpc_result['p99_ms']:.2f} ms, "
+          f"{grpc_result['throughput_rps']:.0f} req/s, recall@{args.k} {grpc_result['recall@k']:.3f}; "
+          f"floor p99 {floor['p99_ms']:.2f} ms", flush=True)
 
     index_files = sorted((root / "main" / "bench").glob("snap-*/index.faiss"))
     local = in_process(index_files[-1], queries, args.k, DEFAULT_EF_SEARCH)
     local["recall@k"] = recall(local.pop("found"), truth, args.k)
+    print(f"  in-process p50 {local['p50_ms']:.3f} ms, p99 {local['p99_ms']:.3f} ms", flush=True)
 
     ingest = {}
     subset = base[: min(args.ingest_n, args.n)]
     for durable in () if args.skip_ingest else (True, False):
         print(f"ingestion, durable={durable}: {subset.shape[0]} vectors ...", flush=True)
-        s = Server(root / f"ingest-{durable}", durable=durable, extra=extra)
-        create(s.address, "ingest", args.dim, kind)
-        seconds = upload(s.address, "ingest", subset)
-        s.stop()
+        s = start_search_server(root / f"ingest-{durable}", durable=durable, extra=extra)
+        create(s.target, "ingest", args.dim, kind)
+        seconds = upload(s.target, "ingest", subset)
+        stop(s)
         ingest["durable_on" if durable else "durable_off"] = {
             "vectors": subset.shape[0], "seconds": seconds,
             "vectors_per_s": subset.shape[0] / seconds,

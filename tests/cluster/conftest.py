@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from perf.harness import REPO_ROOT, child_env, read_ready_line
 from tests.cluster.netns import DnsServer, Host, TestNetwork, unavailable_reason
 
-REPO = Path(__file__).resolve().parents[2]
 HOP_PORT = 50051
 
 
@@ -29,17 +27,19 @@ def network():
 
 
 def start_fake_hop(host: Host, replica: int) -> subprocess.Popen:
-    """The fake embedding hop on ``host:50051``; returns once it serves."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'clients' / 'gen'}")
+    """The fake embedding hop on ``host:50051`` (inside the host's namespace, so started with
+    ``ip netns exec``, not the harness's spawn); returns once it prints "serving"."""
     proc = host.popen(
         [sys.executable, "-m", "tests.cluster.fake_hop", host.address, str(HOP_PORT), str(replica)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE,
+        cwd=REPO_ROOT, env=child_env(keep_backbone=True), stdout=subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if line.strip() != "serving":
+    try:
+        read_ready_line(proc, 60, lambda line: line if line == "serving" else None,
+                        f"fake hop on {host.address}")
+    except BaseException:
         proc.kill()
-        raise RuntimeError(f"fake hop on {host.address} did not start")
+        proc.wait()
+        raise
     return proc
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import subprocess
 import sys
 import time
 
@@ -20,7 +18,9 @@ import grpc
 import pytest
 
 from backbone.v1 import embedding_service_pb2, embedding_service_pb2_grpc
-from tests.cluster.conftest import HOP_PORT, REPO, start_fake_hop
+from perf.harness import REPO_ROOT as REPO
+from perf.harness import ServerProcess, start_announced
+from tests.cluster.conftest import HOP_PORT, start_fake_hop
 
 pytestmark = pytest.mark.skipif(
     not (REPO / "server" / "router" / "__init__.py").exists(),
@@ -30,26 +30,14 @@ pytestmark = pytest.mark.skipif(
 NAME = "embedding.test"
 
 
-def start_router(dns_address: str) -> tuple[subprocess.Popen, str]:
+def start_router(dns_address: str) -> ServerProcess:
     """The router process on 127.0.0.1:0 with the DNS-named embedding upstream."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
-    env["PYTHONPATH"] = f"{REPO}:{REPO / 'clients' / 'gen'}"
-    proc = subprocess.Popen(
+    return start_announced(
         [sys.executable, "-m", "server.main", "serve", "router", "--port", "0",
          "--set", "server.metrics_port=0",
          "--upstream", f"embedding=dns://{dns_address}:53/{NAME}:{HOP_PORT}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE,
+        "router", timeout_s=60,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().decode()
-        if not line:
-            break
-        if line.startswith("backbone serving on "):
-            return proc, line.split()[-1]
-    proc.kill()
-    raise RuntimeError("the router did not start")
 
 
 async def calls(stub, n: int, counts: collections.Counter, failures: list) -> None:
@@ -67,9 +55,9 @@ async def test_router_spreads_survives_a_host_down_and_picks_up_a_new_host(netwo
     hosts = [network.add_host() for _ in range(4)]
     procs = [start_fake_hop(h, i) for i, h in enumerate(hosts)]
     dns.set(NAME, [h.address for h in hosts[:3]])
-    router, address = start_router(dns.address)
+    router = start_router(dns.address)
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(router.target) as channel:
             stub = embedding_service_pb2_grpc.EmbeddingServiceStub(channel)
             warm: collections.Counter = collections.Counter()
             await calls(stub, 60, warm, [])
@@ -99,8 +87,7 @@ async def test_router_spreads_survives_a_host_down_and_picks_up_a_new_host(netwo
             assert seen[3] > 0, f"host 3 got no call within 5 s: {seen}"
             assert failures == []
     finally:
-        router.terminate()
-        router.wait(timeout=20)
+        router.stop(grace_s=20)
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from perf import embed_bench
-from perf.embed_bench import REPO_ROOT, markdown_report, run_figures, start_backbone_server, start_echo_server, summarize
+from perf.embed_bench import markdown_report, run_figures, summarize
+from perf.harness import REPO_ROOT, start_backbone_server, start_echo_server
 
 
 def test_echo_server_process_and_loadgen_cli_write_the_result(tmp_path) -> None:

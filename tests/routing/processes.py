@@ -1,4 +1,5 @@
-"""Replica processes for the routing tests: start, wait for "backbone serving on", kill.
+"""Replica processes for the routing tests, started through perf/harness.py: start, wait
+for "backbone serving on", signal, kill.
 
 Every process started here is killed by ``stop_all`` (the tests call it in ``finally``).
 """
@@ -7,28 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-READY = b"backbone serving on "
+from perf.harness import AsyncServerProcess, child_env, free_port, start_announced_async
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the replica binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    """The environment of a child: this repo and its stubs on the path, few threads."""
-    e = dict(os.environ)
-    e["PYTHONPATH"] = f"{REPO}{os.pathsep}{REPO / 'clients' / 'gen'}"
-    e.setdefault("OMP_NUM_THREADS", "1")
-    return e
+__all__ = ["Replica", "embedding_hop", "fake", "free_port", "stop_all"]
 
 
 class Replica:
@@ -37,39 +21,35 @@ class Replica:
     def __init__(self, args: list[str], port: int) -> None:
         self.args = args
         self.port = port
-        self.proc: asyncio.subprocess.Process | None = None
+        self.server: AsyncServerProcess | None = None
 
     @property
     def address(self) -> str:
+        """``127.0.0.1:<port>``, known before it starts (the router is told it up front)."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        """The running process, once started."""
+        return self.server.proc if self.server is not None else None
+
     async def start(self, timeout_s: float = 180.0) -> None:
-        """Start it and wait until it prints that it serves."""
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *self.args, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, env=env(), cwd=REPO)
-
-        async def ready() -> None:
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"replica {self.args} exited before serving")
-                if line.startswith(READY):
-                    return
-
-        await asyncio.wait_for(ready(), timeout_s)
+        """Start it and wait until it prints that it serves (few threads: a loaded box)."""
+        self.server = await start_announced_async(
+            [sys.executable, *self.args], f"replica {self.args}",
+            env=child_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                          keep_backbone=True), timeout_s=timeout_s,
+        )
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(sig)
+        if self.server is not None:
+            self.server.signal(sig)
 
     async def kill(self) -> None:
         """SIGKILL it and reap it."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            await self.proc.wait()
+        if self.server is not None:
+            await self.server.kill()
 
 
 def embedding_hop(port: int) -> Replica:

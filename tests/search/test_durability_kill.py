@@ -5,10 +5,7 @@ loads every time. Snapshots are made frequent so that kills also land in them.""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,51 +18,31 @@ import pytest
 from backbone.v1 import common_pb2
 from backbone.v1 import vector_search_service_pb2 as pb
 from backbone.v1 import vector_search_service_pb2_grpc as pb_grpc
+from perf.harness import ServerProcess, start_announced
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 DIM = 16
 KILLS = 50
 READY_TIMEOUT_S = 60
 PACE_S = 0.01
 
 
-class ServerProcess:
-    """The search hop alone in a subprocess, on a free port."""
-
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "server.main", "serve", "search", "--port", "0",
-                "--set", f"search.data_dir={data_dir}",
-                "--set", "search.snapshot_min_log_bytes=8192",
-                "--set", "search.snapshot_log_ratio=0",
-                "--set", "search.faiss_threads=1",
-                "--set", "search.faiss_build_threads=1",
-                "--set", "server.metrics_port=0",
-            ],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log,
-        )  # fmt: skip
-        self.address = self._wait_ready()
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                raise AssertionError(f"server exited with {self.proc.wait()} before ready")
-            if line.startswith("backbone serving on "):
-                return line.split()[-1]
-        raise AssertionError("server not ready in time")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
+def start_search_hop(data_dir: Path, log: Path) -> ServerProcess:
+    """The search hop alone in a process (perf/harness.py), frequent snapshots, ready once it
+    prints its address; stderr appended to ``log``."""
+    return start_announced(
+        [
+            sys.executable, "-m", "server.main", "serve", "search", "--port", "0",
+            "--set", f"search.data_dir={data_dir}",
+            "--set", "search.snapshot_min_log_bytes=8192",
+            "--set", "search.snapshot_log_ratio=0",
+            "--set", "search.faiss_threads=1",
+            "--set", "search.faiss_build_threads=1",
+            "--set", "server.metrics_port=0",
+        ],
+        "search hop", log, timeout_s=READY_TIMEOUT_S,
+    )  # fmt: skip
 
 
 class Writer(threading.Thread):
@@ -135,8 +112,8 @@ def test_no_acknowledged_point_is_lost_across_kill_9(tmp_path):
     next_id = 0
     snapshots_seen = 0
     for round_ in range(KILLS + 1):
-        server = ServerProcess(data_dir, log)
-        with grpc.insecure_channel(server.address) as channel:
+        server = start_search_hop(data_dir, log)
+        with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.VectorSearchServiceStub(channel)
             if round_ == 0:
                 stub.CreateCollection(pb.CreateCollectionRequest(name="dur", dimension=DIM))

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import server.app as app
 from backbone.v1 import embedding_service_pb2 as emb_pb2
 from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
+from perf.harness import child_env, start_announced_async
 from server.app import BackboneServer, contract_services
 from server.interceptors import InFlight, _around
 from server.main import main as server_main
@@ -36,7 +34,6 @@ from server_fakes import (
 )
 from tests.conftest import make_config, running
 
-REPO = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 RERANK_SERVICE = "backbone.v1.RerankService"
@@ -332,40 +329,25 @@ def test_backbone_console_command_routes_serve_to_the_server():
     )
 
 
-SERVING_LINE = re.compile(r"backbone serving on (\S+:\d+)")
 GRACE_S = 5
-
-
-async def read_serving_address(stream: asyncio.StreamReader) -> str:
-    """The address from the "backbone serving on HOST:PORT" line."""
-    while True:
-        line = (await stream.readline()).decode()
-        if not line:
-            raise AssertionError("the server exited before it was serving")
-        found = SERVING_LINE.search(line)
-        if found:
-            return found.group(1)
 
 
 @pytest.mark.slow
 async def test_serve_embedding_process_serves_and_exits_cleanly_on_sigterm(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKBONE_")}
-    env.update(
-        BACKBONE_SERVER__AUTH_TOKEN="process-secret-token",
-        BACKBONE_SERVER__METRICS_PORT="0",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
+    env = child_env({
+        "BACKBONE_SERVER__AUTH_TOKEN": "process-secret-token",
+        "BACKBONE_SERVER__METRICS_PORT": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    })
     stderr_path = tmp_path / "server.log"
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.main", "serve", "embedding", "--port", "0",
-            "--set", f"server.grace_seconds={GRACE_S}",
-            cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr,
-        )
+    server = await start_announced_async(
+        [sys.executable, "-m", "server.main", "serve", "embedding", "--port", "0",
+         "--set", f"server.grace_seconds={GRACE_S}"],
+        "embedding server", stderr_path, env=env, timeout_s=300,
+    )
     try:
-        address = await asyncio.wait_for(read_serving_address(proc.stdout), 300)
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(server.address) as channel:
             assert await health_status(channel, "", timeout=10) == SERVING
             assert await health_status(channel, EMBEDDING_SERVICE, timeout=10) == SERVING
             stub = emb_grpc.EmbeddingServiceStub(channel)
@@ -378,12 +360,10 @@ async def test_serve_embedding_process_serves_and_exits_cleanly_on_sigterm(tmp_p
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Embed(embed_request(), timeout=10)
             assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), GRACE_S + 10) == 0
+        server.signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.proc.wait(), GRACE_S + 10) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await server.kill()
     log = stderr_path.read_text()
     assert "process-secret-token" not in log, "the token leaked into the log"
     config_line = next(line for line in log.splitlines() if "effective config:" in line)
