@@ -264,8 +264,10 @@ class ReplicaSet:
                     if discard is not None:
                         discard(task.result())
                 task.cancel()
-                # a cancelled loser: its time so far is a (censored) latency sample
-                ep.finish(token, self.clock(), units=units, sample=True)
+                # a cancelled loser: its time so far is a (censored) latency sample, and
+                # the replica did not answer it (unless the caller left: no evidence)
+                ep.finish(token, self.clock(), units=units, sample=True,
+                          answered=False if won else None)
                 ep.breaker.record(Outcome.IGNORED, self.clock())
             if not (keep_open and won):
                 self.in_flight -= 1
@@ -305,7 +307,7 @@ class ReplicaSet:
                     value = await attempt(ep, given)
                 except asyncio.CancelledError:
                     # the caller left: a censored latency sample, not the replica's fault
-                    ep.finish(token, self.clock(), units=units, sample=True)
+                    ep.finish(token, self.clock(), units=units, sample=True, answered=None)
                     ep.breaker.record(Outcome.IGNORED, self.clock())
                     raise
                 except Exception as exc:  # noqa: BLE001 - judged below, re-raised when final
@@ -368,8 +370,9 @@ class ReplicaSet:
             usual = (ep.ewma_per_unit_s or 0.0) * units
             fair = given is None or given >= 2 * usual
             outcome = classify(code, fair_deadline=fair, reason=reason)
+            timed_out = outcome is Outcome.FAILURE and code == "DEADLINE_EXCEEDED"
             ep.finish(token, now, units=units, ok=outcome is not Outcome.FAILURE,
-                      sample=outcome is Outcome.FAILURE and code == "DEADLINE_EXCEEDED")
+                      sample=timed_out, answered=not timed_out)
             if outcome is Outcome.PUSHBACK:
                 ep.push_back(now, exc.retry_after_s if isinstance(exc, AttemptError) else None)
             ep.breaker.record(outcome, now)

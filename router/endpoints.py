@@ -76,6 +76,10 @@ class Endpoint:
     #: Latency-outlier ejection: out of rotation until this instant.
     ejected_until: float = 0.0
     ejections: int = 0
+    #: Attempts in a row that ended without an answer from the replica (a hedge that
+    #: won first, a fair deadline that ran out): a hung replica's signature even when
+    #: hedging keeps every such attempt short. Any answer, error answers included, resets it.
+    unanswered_in_row: int = 0
     calls: int = 0
     failures: int = 0
     retries: int = 0
@@ -105,9 +109,13 @@ class Endpoint:
         return token
 
     def finish(self, token: int, now: float, *, units: int = 1, ok: bool = True,
-               sample: bool = True) -> float:
+               sample: bool = True, answered: bool | None = True) -> float:
         """Count the call ``token`` as ended; with ``sample`` its latency (per unit of
-        work) feeds the EWMA and the window. Returns the call's latency."""
+        work) feeds the EWMA and the window. ``answered``: the replica answered (True),
+        did not (False: abandoned or timed out), or it says nothing (None: the caller
+        left). Returns the call's latency."""
+        if answered is not None:
+            self.unanswered_in_row = 0 if answered else self.unanswered_in_row + 1
         began = self._started.pop(token, now)
         elapsed = max(0.0, now - began)
         load = self._load_at_start.pop(token, None)

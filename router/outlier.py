@@ -4,10 +4,13 @@ its peers' leaves rotation for a while.
 A replica is an outlier when its per-unit latency (the larger of its EWMA and the age of
 its oldest call in flight, so a hung replica shows before any call completes) exceeds
 ``ratio`` times the median of its peers' and is at least ``min_excess_s`` above it.
-Ejection lasts ``base_s * 2 ** (times ejected before)``, at most ``max_s``. At most
-``max_share`` of a service's replicas (rounded down, but 1 when there are 2 or more) are
-ejected at once; the balancer falls back to every usable replica when none is left in
-rotation. No grpc imports, no clock of its own.
+A replica whose last ``unanswered`` attempts in a row all ended without an answer (hedges
+won before it, fair deadlines ran out) is an outlier too, whatever its latency figures:
+with hedging, a hung replica's abandoned calls stay as short as the hedge delay, so its
+latency alone need not stand out. Ejection lasts ``base_s * 2 ** (times ejected
+before)``, at most ``max_s``. At most ``max_share`` of a service's replicas (rounded down,
+but 1 when there are 2 or more) are ejected at once; the balancer falls back to every
+usable replica when none is left in rotation. No grpc imports, no clock of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class OutlierDetector:
         ratio: float = 3.0,
         min_excess_s: float = 0.005,
         min_samples: int = 5,
+        unanswered: int = 3,
         base_s: float = 2.0,
         max_s: float = 60.0,
         max_share: float = 0.5,
@@ -39,6 +43,7 @@ class OutlierDetector:
         self.ratio = ratio
         self.min_excess_s = min_excess_s
         self.min_samples = min_samples
+        self.unanswered = unanswered
         self.base_s = base_s
         self.max_s = max_s
         self.max_share = max_share
@@ -66,8 +71,14 @@ class OutlierDetector:
             return []
         scores = {id(ep): self._score(ep, now) for ep in live}
         out: list[Endpoint] = []
+        for ep in live:  # unresponsive first: no latency comparison needed
+            if room > 0 and ep.ejected_until <= now and ep.unanswered_in_row >= self.unanswered:
+                self.eject(ep, now, why="unresponsive")
+                out.append(ep)
+                room -= 1
         ranked = sorted(
             (ep for ep in live if ep.ejected_until <= now and scores[id(ep)] is not None
+             and all(ep is not o for o in out)
              and (len(ep.latency) >= self.min_samples or ep.oldest_in_flight_s(now) > 0)),
             key=lambda ep: scores[id(ep)], reverse=True,
         )
@@ -86,14 +97,15 @@ class OutlierDetector:
                 room -= 1
         return out
 
-    def eject(self, ep: Endpoint, now: float) -> None:
+    def eject(self, ep: Endpoint, now: float, *, why: str = "latency outlier") -> None:
         """Take ``ep`` out of rotation for its next ejection time."""
         duration = min(self.max_s, self.base_s * (2 ** ep.ejections))
         ep.ejections += 1
         ep.ejected_until = now + duration
         # Readmitted with a fresh estimate: the peers' median, not the outlier's past.
         ep.ewma_per_unit_s = None
-        log.warning("ejected %s %s for %.1fs (latency outlier, %d time(s))",
-                    ep.service, ep.address, duration, ep.ejections)
+        ep.unanswered_in_row = 0
+        log.warning("ejected %s %s for %.1fs (%s, %d time(s))",
+                    ep.service, ep.address, duration, why, ep.ejections)
         if self.on_eject is not None:
             self.on_eject(ep, duration)
