@@ -100,6 +100,17 @@ class Endpoint:
         latency shows here long before any of its calls completes."""
         return max((now - t for t in self._started.values()), default=0.0)
 
+    def set_health(self, healthy: bool) -> None:
+        """Record the replica's reported health. Coming back to SERVING (a restart, the end
+        of a NOT_SERVING spell) it starts with a fresh estimate, the peers' median, as after
+        an ejection: the latencies of its last calls before it went away (cut, timed out)
+        are not its speed now, and an inflated estimate would starve it of the calls that
+        would correct it."""
+        if healthy and self.healthy is False:
+            self.ewma_per_unit_s = None
+            self.unanswered_in_row = 0
+        self.healthy = healthy
+
     def start(self, now: float) -> int:
         """Count a call as started; returns its token."""
         token = next(self._tokens)

@@ -195,7 +195,7 @@ class UpstreamPool:
         if ep.healthy is not healthy:
             log.info("router: %s %s is %s", ep.service, ep.address,
                      "SERVING" if healthy else "NOT_SERVING")
-            ep.healthy = healthy
+            ep.set_health(healthy)
             self._changed()
 
     def _changed(self) -> None:

@@ -109,3 +109,14 @@ def test_a_replica_whose_hedged_attempts_never_answer_is_ejected():
     for _ in range(5):
         other.finish(other.start(1.0), 1.001, sample=False, answered=None)
     assert other.unanswered_in_row == 0
+
+
+def test_a_replica_back_to_serving_starts_from_a_fresh_estimate():
+    ep = endpoint("r:1", ewma=2.5, samples=10)  # its last calls were cut by a restart
+    ep.set_health(False)
+    assert ep.ewma_per_unit_s == 2.5
+    ep.set_health(True)
+    assert ep.ewma_per_unit_s is None, "costs the peers' median again: it gets calls"
+    ep.observe(0.01)
+    ep.set_health(True)  # SERVING again while serving: no reset
+    assert ep.ewma_per_unit_s == 0.01
