@@ -15,7 +15,6 @@ import numpy as np
 from backbone.v1 import common_pb2, embedding_service_pb2, embedding_service_pb2_grpc
 from router.admission import Priority
 from router.batcher import BatchPolicy, BatchTiming, DynamicBatcher
-from server import metrics
 from server.calls import deadline_of, hop_timing, priority_of
 from server.config import EmbeddingConfig
 from server.engines import registry
@@ -23,6 +22,7 @@ from server.engines.embedder import Embedder
 from router.errors import MAX_MODEL_NAME_CHARS, check_name_length
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.hop import HopContext
+from server.servicers.batched import BatchedHop
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def shape_vectors(vectors: np.ndarray, options: EmbedOptions) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-class EmbeddingHop:
+class EmbeddingHop(BatchedHop):
     """Serves EmbeddingService; also embeds in-process for neighbours (search, ingest)."""
 
     name = "embedding"
@@ -130,9 +130,7 @@ class EmbeddingHop:
         log.info("embedding model %s: %s engine, %d lane(s), batches of %d at most",
                  self.model_name, type(self._embedder).__name__, policy.lanes,
                  policy.max_batch_size)
-        self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch("embed", n, s)
-        batcher = self._batcher
-        metrics.watch_queue("embed", lambda: batcher.queued)
+        self._watch_batcher("embed")
         await self._batcher.start()
         await self.embed(list(WARMUP_TEXTS), EmbedOptions())
         probe = await self.embed(["probe"], EmbedOptions(normalize=True))
@@ -144,20 +142,6 @@ class EmbeddingHop:
         embedding_service_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(self), server
         )
-
-    def load(self) -> float:
-        """Estimated wait of a new text before its batch runs, in seconds (reported to
-        routers in trailing metadata, see server/load_report.py)."""
-        return self._batcher.estimated_delay_s() if self._batcher is not None else 0.0
-
-    def healthy(self) -> bool:
-        """True while the batcher runs."""
-        return self._batcher is not None and self._batcher.healthy()
-
-    async def stop(self) -> None:
-        """Stop the batcher (waiting callers get UNAVAILABLE)."""
-        if self._batcher is not None:
-            await self._batcher.stop()
 
     # -- in-process API --------------------------------------------------------------
 

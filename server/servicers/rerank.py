@@ -19,7 +19,6 @@ import grpc
 from backbone.v1 import common_pb2, rerank_service_pb2, rerank_service_pb2_grpc
 from router.admission import Priority
 from router.batcher import BatchPolicy, DynamicBatcher
-from server import metrics
 from server.calls import deadline_of, hop_timing, priority_of
 from server.config import RerankConfig
 from server.engines import registry
@@ -35,6 +34,7 @@ from server.engines.reranker import (
 )
 from server.errors import Unavailable
 from server.hop import HopContext
+from server.servicers.batched import BatchedHop
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ PROBE_DOCUMENTS = (
 )
 
 
-class RerankHop:
+class RerankHop(BatchedHop):
     """Serves RerankService; also reranks in-process for the pipeline."""
 
     name = "rerank"
@@ -83,9 +83,7 @@ class RerankHop:
             default_deadline_s=cfg.default_deadline_ms / 1000.0,
         )
         self._batcher = DynamicBatcher(HOP, self._engine.run_batch, policy)
-        self._batcher.on_batch = lambda n, _tokens, s: metrics.observe_batch(HOP, n, s)
-        batcher = self._batcher
-        metrics.watch_queue(HOP, lambda: batcher.queued)
+        self._watch_batcher(HOP)
         await self._batcher.start()
         probe = await self.rerank(PROBE_QUERY, list(PROBE_DOCUMENTS), 0)
         scores = [r.score for r in probe.results]
@@ -97,19 +95,9 @@ class RerankHop:
         """Register RerankService."""
         rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(self), server)
 
-    def load(self) -> float:
-        """Estimated wait of a new passage before its batch runs, in seconds (reported to
-        routers in trailing metadata, see server/load_report.py)."""
-        return self._batcher.estimated_delay_s() if self._batcher is not None else 0.0
-
-    def healthy(self) -> bool:
-        """True while the batcher runs."""
-        return self._batcher is not None and self._batcher.healthy()
-
     async def stop(self) -> None:
         """Stop the batcher (waiting callers get UNAVAILABLE), then release the engine."""
-        if self._batcher is not None:
-            await self._batcher.stop()
+        await super().stop()
         if self._engine is not None and self._owns_engine:
             self._engine.close()
 
