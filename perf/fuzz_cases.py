@@ -26,15 +26,8 @@ from google.protobuf import descriptor_pool, message_factory, struct_pb2
 from hypothesis import strategies as st
 
 from backbone.v1 import common_pb2
+from server.app import CONTRACT_MODULES  # every service of the contract, in one place
 
-CONTRACT_MODULES = (
-    "backbone.v1.embedding_service_pb2",
-    "backbone.v1.vector_search_service_pb2",
-    "backbone.v1.rerank_service_pb2",
-    "backbone.v1.generation_service_pb2",
-    "backbone.v1.pipeline_service_pb2",
-    "backbone.v1.router_service_pb2",
-)
 ERROR_DOMAIN = "backbone.v1"
 # ErrorInfo.reason values: the ErrorReason enum's names without their prefix.
 REASONS = frozenset(n.removeprefix("ERROR_REASON_") for n in common_pb2.ErrorReason.keys()) - {"UNSPECIFIED"}
@@ -338,7 +331,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
+def wire_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
@@ -346,18 +339,18 @@ def nested_struct(depth: int) -> bytes:
     """A Struct nesting ``depth`` Structs, encoded by hand (deeper than protobuf encodes)."""
     struct = b""
     for _ in range(depth - 1):
-        struct = _field(1, _field(1, b"a") + _field(2, _field(5, struct)))
+        struct = wire_field(1, wire_field(1, b"a") + wire_field(2, wire_field(5, struct)))
     return struct
 
 
 def deep_metadata_message(method: Method, target: Target, depth: int) -> bytes:
     """A write to ``target.collection`` whose metadata nests ``depth`` Structs, for the
     RPCs that carry metadata (Upsert, UpsertBatch: a point's payload; Ingest: a document)."""
-    name = _field(1, target.collection.encode())
+    name = wire_field(1, target.collection.encode())
     if method.name == "Ingest":
-        return name + _field(2, _field(1, b"d") + _field(2, b"text") + _field(3, nested_struct(depth)))
-    vector = _field(2, _field(1, b"\x00\x00\x80\x3f" * target.dimension))
-    return name + _field(2, _field(1, b"p") + vector + _field(3, _field(2, nested_struct(depth))))
+        return name + wire_field(2, wire_field(1, b"d") + wire_field(2, b"text") + wire_field(3, nested_struct(depth)))
+    vector = wire_field(2, wire_field(1, b"\x00\x00\x80\x3f" * target.dimension))
+    return name + wire_field(2, wire_field(1, b"p") + vector + wire_field(3, wire_field(2, nested_struct(depth))))
 
 
 DEEP_METHODS = ("Upsert", "UpsertBatch", "Ingest")
@@ -402,7 +395,7 @@ def cases(target: Target, methods: Sequence[Method] | None = None) -> st.SearchS
             raw = msg.SerializeToString()
             if kind == "bad_utf8":
                 if _MARK_BYTES not in raw:
-                    raw += _field(_first_string_field(method.input), _MARK_BYTES)
+                    raw += wire_field(_first_string_field(method.input), _MARK_BYTES)
                 raw, label = raw.replace(_MARK_BYTES, _BAD_BYTES), "bad_utf8"
             elif kind == "damaged":
                 raw, label = draw(_damaged(raw))

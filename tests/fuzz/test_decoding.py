@@ -15,46 +15,24 @@ import pytest
 from server.decoding import MAX_STRUCT_DEPTH, RateLimitedLog, drain_requests
 from tests.fuzz.wire import check_error, contract_methods, raw_call
 from tests.server.server_fakes import only_error_info
+from perf.fuzz_cases import nested_struct, wire_field  # the one hand encoder of deep messages
 
 EMB = "/backbone.v1.EmbeddingService/"
 VS = "/backbone.v1.VectorSearchService/"
 GEN = "/backbone.v1.GenerationService/"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def nested_struct(depth: int) -> bytes:
-    """A google.protobuf.Struct nesting ``depth`` Structs ({"a": {"a": ...}}), encoded by
-    hand (the client's own encoder refuses deep messages)."""
-    struct = b""  # the innermost, empty Struct: level 1
-    for _ in range(depth - 1):
-        entry = _field(1, b"a") + _field(2, _field(5, struct))  # key, Value.struct_value
-        struct = _field(1, entry)  # Struct.fields
-    return struct
-
-
 def upsert_message(depth: int) -> bytes:
     """An Upsert/UpsertBatch message for collection "c" whose one point's metadata nests
     ``depth`` Structs."""
-    point = _field(1, b"p") + _field(3, _field(2, nested_struct(depth)))  # id, payload.metadata
-    return _field(1, b"c") + _field(2, point)
+    point = wire_field(1, b"p") + wire_field(3, wire_field(2, nested_struct(depth)))  # id, payload.metadata
+    return wire_field(1, b"c") + wire_field(2, point)
 
 
 def ingest_message(depth: int) -> bytes:
     """An Ingest message for "c" whose one document's metadata nests ``depth`` Structs."""
-    document = _field(1, b"d") + _field(2, b"text") + _field(3, nested_struct(depth))
-    return _field(1, b"c") + _field(2, document)
+    document = wire_field(1, b"d") + wire_field(2, b"text") + wire_field(3, nested_struct(depth))
+    return wire_field(1, b"c") + wire_field(2, document)
 
 
 REPRODUCERS = [
@@ -89,23 +67,23 @@ async def test_reproducers_are_invalid_argument_with_one_error_info(
 async def test_a_bad_message_after_good_ones_in_a_stream_is_invalid_argument(default_server):
     _, channel = default_server
     vs = VS + "CreateCollection"
-    create = _field(1, b"c") + bytes([0x10, 8])  # name "c", dimension 8
+    create = wire_field(1, b"c") + bytes([0x10, 8])  # name "c", dimension 8
     code, _ = await raw_call(channel, vs, False, False, [create])
     assert code == grpc.StatusCode.OK
-    good = _field(1, b"c") + _field(2, _field(1, b"p") + _field(2, _field(1, b"\x00" * 32)))
+    good = wire_field(1, b"c") + wire_field(2, wire_field(1, b"p") + wire_field(2, wire_field(1, b"\x00" * 32)))
     code, err = await raw_call(channel, VS + "Upsert", True, False, [good, b"\xff\xff"])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and check_error(err) == "INVALID_INPUT"
 
 
 async def test_struct_nesting_over_the_contract_limit_is_refused_before_work(default_server):
     _, channel = default_server
-    create = _field(1, b"c") + bytes([0x10, 8])
+    create = wire_field(1, b"c") + bytes([0x10, 8])
     assert (await raw_call(channel, VS + "CreateCollection", False, False, [create]))[0] == grpc.StatusCode.OK
-    vector = _field(2, _field(1, b"\x00" * 32))
+    vector = wire_field(2, wire_field(1, b"\x00" * 32))
 
     def batch(depth: int) -> bytes:
-        point = _field(1, b"p") + vector + _field(3, _field(2, nested_struct(depth)))
-        return _field(1, b"c") + _field(2, point)
+        point = wire_field(1, b"p") + vector + wire_field(3, wire_field(2, nested_struct(depth)))
+        return wire_field(1, b"c") + wire_field(2, point)
 
     code, err = await raw_call(channel, VS + "UpsertBatch", False, False, [batch(MAX_STRUCT_DEPTH)])
     assert code == grpc.StatusCode.OK, err
