@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from perf.harness import REPO_ROOT, ServerProcess, free_port, log_tail, start_backbone_server
+from perf.harness import REPO_ROOT, ServerProcess, free_port, log_tail, spawn, start_backbone_server
 from perf.report import dig, fmt, markdown_table, median, read_json, write_json
 
 DEFAULT_OUT_DIR = REPO_ROOT / "perf" / "results"
@@ -188,9 +188,7 @@ def launch_infinity(engine: str, args: argparse.Namespace, log_dir: Path) -> Ser
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     log_path = log_dir / f"infinity_{engine}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    proc = spawn(argv, log_path, env=env)  # the peer is not ours: its env, not child_env()
     return ServerProcess(f"infinity {engine}", "127.0.0.1", port, proc, log_path)
 
 
