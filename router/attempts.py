@@ -264,10 +264,12 @@ class ReplicaSet:
                     if discard is not None:
                         discard(task.result())
                 task.cancel()
-                # a cancelled loser: its time so far is a (censored) latency sample, and
-                # the replica did not answer it (unless the caller left: no evidence)
+                # a cancelled loser: its time so far is a (censored) latency sample. The
+                # first attempt outrun by a hedge went unanswered past the hedge delay and
+                # a whole other call: evidence of a hang. A hedge that lost is not (its
+                # replica was merely not first), nor is a caller who left.
                 ep.finish(token, self.clock(), units=units, sample=True,
-                          answered=False if won else None)
+                          answered=False if won and ep is tried[0] else None)
                 ep.breaker.record(Outcome.IGNORED, self.clock())
             if not (keep_open and won):
                 self.in_flight -= 1

@@ -4,17 +4,19 @@ request for comparison.
 Cost of sending a call of ``units`` units of work to a replica (seconds, lower is
 better)::
 
-    (ewma_per_unit * units) * (1 + in_flight) / (1 + usual_in_flight)
-        + reported_queue_wait, divided by weight
+    (ewma_per_unit * units) * (1 + in_flight) + reported_queue_wait, divided by weight
 
-``in_flight`` is this router's calls running there, ``usual_in_flight`` the EWMA of that
-count when a call starts (the concurrency the latency EWMA was measured at: a replica
-that batches or runs calls side by side answers in its EWMA at its usual concurrency,
-so only load beyond the usual raises its cost; a serial one shows its queueing in the
-EWMA itself), and ``reported_queue_wait`` what the replica said its queue would make a
-new call wait (so several routers see one load). Without the ``usual_in_flight`` term a
-5x slower replica that is idle ties a fast one running 4 calls and takes a few % of
-the calls, which is the whole p99 (tests/router/test_slow_replica.py).
+``in_flight`` is this router's calls running there and ``reported_queue_wait`` what the
+replica said its queue would make a new call wait (so several routers see one load). The
+in-flight factor is what spreads calls over equal replicas and what gives a replica whose
+estimate came out high (a cold first call, a past hiccup) the calls that correct it.
+Normalising it by the concurrency the EWMA was measured at was tried: it kept an idle 5x
+slower replica under 0.2 % of calls without ejection, but it let equal replicas drift
+apart (the one that got most calls learnt that load as "usual" and kept them: one of
+three equal replicas down to 9.5 % of calls at 16 callers in the discrete-event run of
+tests/router/test_slow_replica.py, 33 % each with this cost). With this cost a 5x slower
+replica takes 2-3 % of calls at 8-16 callers before the outlier detector ejects it, and
+0.1 % once it does (it is over the 3x ratio).
 A replica with no sample yet costs the median of its peers' EWMA (it gets traffic, and
 so samples, at once). No grpc imports.
 """
@@ -35,7 +37,7 @@ def cost(ep: Endpoint, units: int, default_per_unit: float) -> float:
     """The expected time for a call of ``units`` units on ``ep`` (see the module doc)."""
     per_unit = ep.ewma_per_unit_s if ep.ewma_per_unit_s is not None else default_per_unit
     work = per_unit * max(1, units)
-    load = (1 + ep.in_flight) / (1 + ep.usual_in_flight)
+    load = 1 + ep.in_flight
     return (work * load + ep.reported_wait_s) / max(ep.weight, Endpoint.MIN_WEIGHT)
 
 

@@ -76,8 +76,8 @@ class Endpoint:
     #: Latency-outlier ejection: out of rotation until this instant.
     ejected_until: float = 0.0
     ejections: int = 0
-    #: Attempts in a row that ended without an answer from the replica (a hedge that
-    #: won first, a fair deadline that ran out): a hung replica's signature even when
+    #: First attempts in a row that ended without an answer from the replica (a hedge to
+    #: another replica won first, a fair deadline ran out): a hung replica's signature even when
     #: hedging keeps every such attempt short. Any answer, error answers included, resets it.
     unanswered_in_row: int = 0
     calls: int = 0

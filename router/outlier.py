@@ -4,8 +4,8 @@ its peers' leaves rotation for a while.
 A replica is an outlier when its per-unit latency (the larger of its EWMA and the age of
 its oldest call in flight, so a hung replica shows before any call completes) exceeds
 ``ratio`` times the median of its peers' and is at least ``min_excess_s`` above it.
-A replica whose last ``unanswered`` attempts in a row all ended without an answer (hedges
-won before it, fair deadlines ran out) is an outlier too, whatever its latency figures:
+A replica whose last ``unanswered`` (5) first attempts in a row all ended without its answer
+(a hedge to another replica won first, a fair deadline ran out) is an outlier too, whatever its latency figures:
 with hedging, a hung replica's abandoned calls stay as short as the hedge delay, so its
 latency alone need not stand out. Ejection lasts ``base_s * 2 ** (times ejected
 before)``, at most ``max_s``. At most ``max_share`` of a service's replicas (rounded down,
@@ -34,7 +34,7 @@ class OutlierDetector:
         ratio: float = 3.0,
         min_excess_s: float = 0.005,
         min_samples: int = 5,
-        unanswered: int = 3,
+        unanswered: int = 5,
         base_s: float = 2.0,
         max_s: float = 60.0,
         max_share: float = 0.5,

@@ -93,12 +93,12 @@ def test_two_replicas_one_may_go_one_alone_never():
 def test_a_replica_whose_hedged_attempts_never_answer_is_ejected():
     # Hedging keeps a hung replica's abandoned attempts as short as the hedge delay, so
     # its latency does not stand out (4 ms vs 2 ms peers is under the 3x ratio); three
-    # attempts in a row without an answer eject it anyway, and any answer resets the count.
+    # (here; 5 by default) first attempts in a row without an answer eject it anyway, and any answer resets the count.
     eps = [endpoint(f"r{i}:1", ewma=0.002, samples=10) for i in range(3)]
     hung = eps[0]
     hung.ewma_per_unit_s = 0.004
     detector = OutlierDetector(ratio=3.0, unanswered=3)
-    for answered in (False, False, True, False, False):
+    for answered in (False, False, True, False, False):  # first attempts outrun by hedges
         hung.finish(hung.start(0.0), 0.004, sample=False, answered=answered)
     assert detector.evaluate(eps, now=0.0) == [], "an answer in between: not hung"
     hung.finish(hung.start(0.0), 0.004, sample=False, answered=False)

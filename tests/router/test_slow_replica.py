@@ -1,4 +1,4 @@
-"""A replica 5x slower than its peers gets (almost) no calls at any concurrency.
+"""A replica 5x slower than its peers gets few calls, and equal replicas share them.
 
 A discrete-event run with a fake clock: ``callers`` closed-loop callers, three replicas
 whose latency does not grow with their concurrency (they batch or run calls side by
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import heapq
 import random
+import sys
 
 import pytest
 
 from router.attempts import ReplicaSet
-from router.balancer import Balancer, cost
+from router.balancer import Balancer
 from router.outlier import OutlierDetector
-from tests.router.policy_fakes import FakeClock, endpoint
+from tests.router.policy_fakes import FakeClock
 
 FAST_S, SLOW_S = 0.010, 0.050
 
@@ -57,26 +58,26 @@ def run_callers(callers: int, calls: int, *, eject: bool = True, seed: int = 3) 
     return picked
 
 
-@pytest.mark.parametrize(("callers", "eject"), [(1, False), (8, False), (16, False), (8, True)])
-def test_a_5x_slower_replica_gets_under_1_percent_of_calls(callers, eject):
-    picked = run_callers(callers, 5_000, eject=eject)
+@pytest.mark.parametrize("callers", [1, 8, 16])
+def test_a_5x_slower_replica_gets_under_1_percent_of_calls_once_ejected(callers):
+    picked = run_callers(callers, 5_000, eject=True)
     share = picked["slow:1"] / sum(picked.values())
     # p99 is a fast replica's latency only while the slow one gets well under 1 %
     assert share < 0.01, (callers, picked)
     assert min(picked["fast-a:1"], picked["fast-b:1"]) > 0.4 * sum(picked.values())
 
 
-def test_in_flight_counts_against_the_load_the_latency_was_measured_at():
-    # a fast replica running its usual 4 calls still beats an idle 5x slower one
-    fast, slow = endpoint("fast:1", ewma=FAST_S), endpoint("slow:1", ewma=SLOW_S)
-    for _ in range(4):
-        fast.start(0.0)
-    for _ in range(100):  # calls that each started beside 4 others
-        fast.finish(fast.start(0.0), 0.0, sample=False)
-    assert fast.usual_in_flight == pytest.approx(4.0, abs=0.01)
-    assert cost(fast, 1, FAST_S) < cost(slow, 1, FAST_S)
-    # a burst far beyond the usual makes it the costlier one at once (the usual
-    # concurrency is learnt from finished calls only)
-    for _ in range(30):
-        fast.start(0.0)
-    assert cost(fast, 1, FAST_S) > cost(slow, 1, FAST_S)
+@pytest.mark.parametrize("callers", [1, 8, 16])
+def test_the_balancer_alone_keeps_a_5x_slower_replica_under_10_percent(callers):
+    # no ejection (latencies through the router may differ by less than its ratio): the
+    # in-flight factor of the cost gives the slow one a few % at concurrency, never more
+    picked = run_callers(callers, 5_000, eject=False)
+    assert picked["slow:1"] / sum(picked.values()) < 0.10, (callers, picked)
+
+
+def test_equal_replicas_share_the_calls_under_concurrency(monkeypatch):
+    # the in-flight factor spreads calls: no replica starves because its estimate came
+    # out a little higher (a cold first call, noise); this is what the multi-host test sees
+    monkeypatch.setattr(sys.modules[__name__], "SLOW_S", FAST_S)
+    picked = run_callers(8, 5_000, eject=False)
+    assert min(picked.values()) > 0.25 * sum(picked.values()), picked
