@@ -135,6 +135,35 @@ async def test_hedge_wins_and_the_slow_attempt_is_cancelled():
     assert cancelled == [first_pick[0].address]
     assert rs.budget.granted == 1, "the hedge is paid from the budget"
     assert all(ep.in_flight == 0 for ep in rs.endpoints.values())
+    # the first attempt went unanswered (evidence of a hang), the winner answered
+    assert first_pick[0].unanswered_in_row == 1
+    assert all(ep.unanswered_in_row == 0 for ep in rs.endpoints.values() if ep is not first_pick[0])
+
+
+async def test_a_hedge_that_loses_to_the_first_attempt_is_no_evidence_of_a_hang():
+    rs = replica_set(2, hedge=HedgePolicy(min_samples=1, min_s=0.001, max_s=0.001))
+    for ep in rs.endpoints.values():
+        ep.observe(0.001)
+    first_answers = asyncio.Event()
+    picks = []
+    original = rs.balancer.pick
+
+    def pick(cands, units=1):
+        ep = original(cands, units)
+        picks.append(ep)
+        return ep
+
+    async def attempt(ep, timeout):
+        if ep is picks[0]:  # slower than the hedge delay, but it answers first
+            await asyncio.sleep(0.01)
+            first_answers.set()
+            return "first"
+        await asyncio.Event().wait()  # the hedge never answers before the first does
+
+    rs.balancer.pick = pick
+    win = await rs.run(attempt, deadline=None, replay=True, hedge=True)
+    assert win.value == "first" and len(picks) == 2, "a hedge was sent and lost"
+    assert all(ep.unanswered_in_row == 0 for ep in rs.endpoints.values())
 
 
 async def test_no_hedge_without_budget():
