@@ -65,10 +65,6 @@ class Endpoint:
     #: What the replica last reported in trailing metadata.
     reported_wait_s: float = 0.0
     reported_in_flight: int = 0
-    #: EWMA, over finished calls, of this router's calls already running on the replica
-    #: when each started: the concurrency its latency samples were measured at (learnt,
-    #: like the latency, only once calls end, so a burst still counts in full).
-    usual_in_flight: float = 0.0
     #: RESOURCE_EXHAUSTED pushback: not picked before this instant; weight halves on
     #: each pushback and recovers on successes (never above 1, never below MIN_WEIGHT).
     pushback_until: float = 0.0
@@ -85,7 +81,6 @@ class Endpoint:
     retries: int = 0
     hedges: int = 0
     _started: dict[int, float] = field(default_factory=dict)
-    _load_at_start: dict[int, int] = field(default_factory=dict)
     _tokens: itertools.count = field(default_factory=itertools.count)
 
     MIN_WEIGHT = 0.05
@@ -114,7 +109,6 @@ class Endpoint:
     def start(self, now: float) -> int:
         """Count a call as started; returns its token."""
         token = next(self._tokens)
-        self._load_at_start[token] = len(self._started)
         self._started[token] = now
         self.calls += 1
         return token
@@ -129,9 +123,6 @@ class Endpoint:
             self.unanswered_in_row = 0 if answered else self.unanswered_in_row + 1
         began = self._started.pop(token, now)
         elapsed = max(0.0, now - began)
-        load = self._load_at_start.pop(token, None)
-        if load is not None:
-            self.usual_in_flight += EWMA_ALPHA * (load - self.usual_in_flight)
         if not ok:
             self.failures += 1
         if sample:
