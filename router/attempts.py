@@ -188,7 +188,7 @@ class ReplicaSet:
         self.in_flight += 1
         if deadline is None:
             deadline = self.clock() + self.limits.default_timeout_s
-        first = self.balancer.pick(cands, units)
+        first = self.balancer.pick(cands, units, self.clock())
         assert first is not None  # admit saw candidates
         if not self._hedge_armed(hedge and replay, first_message):
             return await self._run_serial(attempt, first, deadline, units, replay,
@@ -333,8 +333,9 @@ class ReplicaSet:
                 self.in_flight -= 1
 
     def _another(self, tried: list[Endpoint], units: int) -> Endpoint | None:
-        cands = [ep for ep in self.candidates(self.clock(), exclude=tried)]
-        return self.balancer.pick(cands, units)
+        now = self.clock()
+        cands = [ep for ep in self.candidates(now, exclude=tried)]
+        return self.balancer.pick(cands, units, now)
 
     def _retry_delay(self, exc: BaseException | None, attempts: int, deadline: float,
                      replay: bool) -> float | None:
@@ -359,8 +360,9 @@ class ReplicaSet:
         elapsed = now - ep._started.get(token, now)
         if exc is None:
             if keep_open:  # a stream's first message: its latency is the TTFT
+                ep.answered(token)
                 ep.first_message.add(elapsed)
-                ep.observe(elapsed, units)
+                ep.observe(elapsed, units, now=now)
                 ep.breaker.record(Outcome.SUCCESS, now)
             else:
                 ep.finish(token, now, units=units)

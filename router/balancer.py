@@ -18,7 +18,13 @@ tests/router/test_slow_replica.py, 33 % each with this cost). With this cost a 5
 replica takes 2-3 % of calls at 8-16 callers before the outlier detector ejects it, and
 0.1 % once it does (it is over the 3x ratio).
 A replica with no sample yet costs the median of its peers' EWMA (it gets traffic, and
-so samples, at once). No grpc imports.
+so samples, at once). An estimate above that median decays toward it while no call
+refreshes it (``Endpoint.estimate_per_unit_s``): with sequential callers the in-flight
+factor stays near 1, and one hiccup (a reconnect, a scheduling stall) that made a
+replica's estimate 10x its peers' would otherwise keep it out of every pair for good
+(one of three equal replicas got 4 % of the calls in a CI run before this). A replica
+that is really slow pays one call per stale spell: that call's sample replaces the
+decayed estimate. No grpc imports.
 """
 
 from __future__ import annotations
@@ -33,16 +39,24 @@ from router.endpoints import Endpoint
 POLICIES = ("p2c", "round_robin", "least_request")
 
 
-def cost(ep: Endpoint, units: int, default_per_unit: float) -> float:
-    """The expected time for a call of ``units`` units on ``ep`` (see the module doc)."""
-    per_unit = ep.ewma_per_unit_s if ep.ewma_per_unit_s is not None else default_per_unit
+def cost(ep: Endpoint, units: int, default_per_unit: float, now: float | None = None) -> float:
+    """The expected time for a call of ``units`` units on ``ep`` at ``now`` (see the
+    module doc; without ``now`` no estimate decays)."""
+    per_unit = ep.estimate_per_unit_s(now, default_per_unit)
+    if per_unit is None:
+        per_unit = default_per_unit
     work = per_unit * max(1, units)
     load = 1 + ep.in_flight
     return (work * load + ep.reported_wait_s) / max(ep.weight, Endpoint.MIN_WEIGHT)
 
 
-def _default_per_unit(candidates: Sequence[Endpoint]) -> float:
-    known = [ep.ewma_per_unit_s for ep in candidates if ep.ewma_per_unit_s is not None]
+def _default_per_unit(candidates: Sequence[Endpoint], now: float | None = None) -> float:
+    """The median of the candidates' estimates, of the fresh ones when any is fresh: a
+    stale estimate must not hold up the median it decays toward."""
+    known = [ep.ewma_per_unit_s for ep in candidates
+             if ep.ewma_per_unit_s is not None and ep.fresh(now)]
+    if not known:
+        known = [ep.ewma_per_unit_s for ep in candidates if ep.ewma_per_unit_s is not None]
     return statistics.median(known) if known else 0.0
 
 
@@ -56,8 +70,10 @@ class Balancer:
         self.rng = rng or random.Random()
         self._rr = itertools.count()
 
-    def pick(self, candidates: Sequence[Endpoint], units: int = 1) -> Endpoint | None:
-        """The replica to send the call to; None when ``candidates`` is empty."""
+    def pick(self, candidates: Sequence[Endpoint], units: int = 1,
+             now: float | None = None) -> Endpoint | None:
+        """The replica to send the call to; None when ``candidates`` is empty. ``now``
+        (the router's clock) lets stale estimates decay."""
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -70,8 +86,8 @@ class Balancer:
         n = len(candidates)  # a uniform random pair (random.sample costs more than the pick)
         i, j = self.rng.randrange(n), self.rng.randrange(n - 1)
         a, b = candidates[i], candidates[j + (j >= i)]
-        default = _default_per_unit(candidates)
-        return a if cost(a, units, default) <= cost(b, units, default) else b
+        default = _default_per_unit(candidates, now)
+        return a if cost(a, units, default, now) <= cost(b, units, default, now) else b
 
     def estimate_s(self, candidates: Sequence[Endpoint], units: int = 1) -> float | None:
         """The lowest expected latency of a call among ``candidates`` (for refusing a

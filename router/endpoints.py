@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 EWMA_ALPHA = 0.2
 # Samples kept for the recent p95/p99.
 WINDOW = 128
+# Per-unit latencies kept for the recent median (the outlier detector's view, which one
+# cold or unlucky call must not sway).
+RECENT = 16
+# An estimate above its peers' median that no call has refreshed for this long counts
+# half as far above the median (it keeps halving): what a replica was like seconds ago,
+# during a hiccup, a reconnect or a cold start, is not what it is like now.
+STALE_HALF_LIFE_S = 0.5
+# After this many half-lives the old estimate is forgotten (the replica costs the median,
+# as a new one does): a decay alone never crosses a peer that sits at the median.
+STALE_FORGET_HALF_LIVES = 4
 
 
 class LatencyWindow:
@@ -59,7 +69,11 @@ class Endpoint:
     #: False once discovery dropped the address (calls in flight may still finish).
     active: bool = True
     ewma_per_unit_s: float | None = None
+    #: When the EWMA last took a sample (None: never, or no clock given).
+    sampled_at: float | None = None
     latency: LatencyWindow = field(default_factory=LatencyWindow)
+    #: The last ``RECENT`` latencies per unit of work.
+    recent_per_unit: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     #: Time to first streamed message (Generate's TTFT).
     first_message: LatencyWindow = field(default_factory=LatencyWindow)
     #: What the replica last reported in trailing metadata.
@@ -76,11 +90,15 @@ class Endpoint:
     #: another replica won first, a fair deadline ran out): a hung replica's signature even when
     #: hedging keeps every such attempt short. Any answer, error answers included, resets it.
     unanswered_in_row: int = 0
+    #: When the first attempt of that streak started.
+    unanswered_since: float = 0.0
     calls: int = 0
     failures: int = 0
     retries: int = 0
     hedges: int = 0
     _started: dict[int, float] = field(default_factory=dict)
+    #: Calls in flight that have not answered yet (a stream leaves at its first message).
+    _awaiting: dict[int, float] = field(default_factory=dict)
     _tokens: itertools.count = field(default_factory=itertools.count)
 
     MIN_WEIGHT = 0.05
@@ -91,9 +109,14 @@ class Endpoint:
         return len(self._started)
 
     def oldest_in_flight_s(self, now: float) -> float:
-        """Age of the longest-running call in flight (0 when none): a hung replica's
-        latency shows here long before any of its calls completes."""
-        return max((now - t for t in self._started.values()), default=0.0)
+        """Age of the oldest call in flight that has not answered yet (0 when none): a
+        hung replica shows here long before any of its calls completes. A stream that
+        sent its first message is no longer waited on (a long Generate is not a hang)."""
+        return max((now - t for t in self._awaiting.values()), default=0.0)
+
+    def answered(self, token: int) -> None:
+        """The call ``token`` answered (a stream's first message); it stays in flight."""
+        self._awaiting.pop(token, None)
 
     def set_health(self, healthy: bool) -> None:
         """Record the replica's reported health. Coming back to SERVING (a restart, the end
@@ -102,14 +125,32 @@ class Endpoint:
         are not its speed now, and an inflated estimate would starve it of the calls that
         would correct it."""
         if healthy and self.healthy is False:
-            self.ewma_per_unit_s = None
+            self.forget_estimate()
             self.unanswered_in_row = 0
         self.healthy = healthy
+
+    def forget_estimate(self) -> None:
+        """Drop the latency estimate (back to the peers' median until new samples)."""
+        self.ewma_per_unit_s = None
+        self.sampled_at = None
+        self.recent_per_unit.clear()
+
+    def typical_per_unit_s(self) -> float | None:
+        """The lower of the EWMA and the median of the last ``RECENT`` samples: what the
+        replica is like, not one slow call (a cold first call seeds the EWMA at its
+        own latency; the median of the last 16 forgets it after nine fast ones)."""
+        if self.ewma_per_unit_s is None:
+            return None
+        if not self.recent_per_unit:
+            return self.ewma_per_unit_s
+        ordered = sorted(self.recent_per_unit)
+        return min(self.ewma_per_unit_s, ordered[len(ordered) // 2])
 
     def start(self, now: float) -> int:
         """Count a call as started; returns its token."""
         token = next(self._tokens)
         self._started[token] = now
+        self._awaiting[token] = now
         self.calls += 1
         return token
 
@@ -119,26 +160,61 @@ class Endpoint:
         work) feeds the EWMA and the window. ``answered``: the replica answered (True),
         did not (False: abandoned or timed out), or it says nothing (None: the caller
         left). Returns the call's latency."""
-        if answered is not None:
-            self.unanswered_in_row = 0 if answered else self.unanswered_in_row + 1
         began = self._started.pop(token, now)
+        self._awaiting.pop(token, None)
+        if answered:
+            self.unanswered_in_row = 0
+        elif answered is False:
+            if self.unanswered_in_row == 0:
+                self.unanswered_since = began
+            self.unanswered_in_row += 1
         elapsed = max(0.0, now - began)
         if not ok:
             self.failures += 1
         if sample:
-            self.observe(elapsed, units)
+            self.observe(elapsed, units, now=now)
         if ok and self.weight < 1.0:
             self.weight = min(1.0, self.weight * 1.1)
         return elapsed
 
-    def observe(self, elapsed_s: float, units: int = 1) -> None:
-        """Feed one latency of a call of ``units`` units of work."""
+    def observe(self, elapsed_s: float, units: int = 1, *, now: float | None = None) -> None:
+        """Feed one latency of a call of ``units`` units of work. A sample after a stale
+        spell (no sample for ``STALE_HALF_LIFE_S``) replaces the estimate: the spell
+        was starving the replica because of that old estimate, and one fresh call says
+        more about it now (a replica that is really slow is back at its cost at once)."""
         per_unit = elapsed_s / max(1, units)
-        if self.ewma_per_unit_s is None:
+        stale = (now is not None and self.sampled_at is not None
+                 and now - self.sampled_at > STALE_HALF_LIFE_S)
+        if now is not None:
+            self.sampled_at = now
+        if self.ewma_per_unit_s is None or (stale and per_unit < self.ewma_per_unit_s):
             self.ewma_per_unit_s = per_unit
         else:
             self.ewma_per_unit_s += EWMA_ALPHA * (per_unit - self.ewma_per_unit_s)
+        self.recent_per_unit.append(per_unit)
         self.latency.add(elapsed_s)
+
+    def fresh(self, now: float | None) -> bool:
+        """True when the estimate took a sample within ``STALE_HALF_LIFE_S`` of ``now``
+        (or no clock is given)."""
+        return now is None or (self.sampled_at is not None
+                               and now - self.sampled_at <= STALE_HALF_LIFE_S)
+
+    def estimate_per_unit_s(self, now: float | None, median: float) -> float | None:
+        """The EWMA as the balancer should believe it at ``now``: an estimate above the
+        peers' ``median`` decays toward it with the time since its last sample (half
+        of the excess per ``STALE_HALF_LIFE_S``, the median itself after
+        ``STALE_FORGET_HALF_LIVES``), so a replica starved by one bad spell is tried again
+        within a few half-lives and its next sample sets it right."""
+        ewma = self.ewma_per_unit_s
+        if ewma is None or now is None or self.sampled_at is None or ewma <= median:
+            return ewma
+        age = now - self.sampled_at
+        if age <= STALE_HALF_LIFE_S:
+            return ewma
+        if age >= STALE_FORGET_HALF_LIVES * STALE_HALF_LIFE_S:
+            return median
+        return median + (ewma - median) * 0.5 ** (age / STALE_HALF_LIFE_S)
 
     def report(self, wait_s: float | None, in_flight: int | None) -> None:
         """Record the load the replica reported with an answer."""

@@ -1,16 +1,29 @@
-"""Latency-outlier ejection: a replica whose recent latency per unit of work is far above
-its peers' leaves rotation for a while.
+"""Outlier ejection: a replica that is much slower than its peers, or that stopped
+answering, leaves rotation for a while.
 
-A replica is an outlier when its per-unit latency (the larger of its EWMA and the age of
-its oldest call in flight, so a hung replica shows before any call completes) exceeds
-``ratio`` times the median of its peers' and is at least ``min_excess_s`` above it.
-A replica whose last ``unanswered`` (5) first attempts in a row all ended without its answer
-(a hedge to another replica won first, a fair deadline ran out) is an outlier too, whatever its latency figures:
-with hedging, a hung replica's abandoned calls stay as short as the hedge delay, so its
-latency alone need not stand out. Ejection lasts ``base_s * 2 ** (times ejected
-before)``, at most ``max_s``. At most ``max_share`` of a service's replicas (rounded down,
-but 1 when there are 2 or more) are ejected at once; the balancer falls back to every
-usable replica when none is left in rotation. No grpc imports, no clock of its own.
+Three signals, each needing more than one unlucky call:
+
+- **Slow**: its typical latency per unit of work (the lower of its EWMA and the median
+  of its last 16 samples, so one cold first call through a new connection does not
+  count) exceeds ``ratio`` times the median of its peers' and is at least
+  ``min_excess_s`` above it, once it has ``min_samples`` samples.
+- **Stuck**: a call of it has waited for an answer longer than ``ratio`` times its
+  peers' recent p99 and at least ``hang_min_s``: a hung replica shows before any of its
+  calls completes. A stream that sent its first message is not waited on.
+- **Unresponsive**: its last ``unanswered`` (5) first attempts in a row ended without its
+  answer (a hedge to another replica won first, a fair deadline ran out), over a spell of
+  at least ``hang_min_s``: with hedging a hung replica's abandoned calls stay as short as
+  the hedge delay, so its latency need not stand out.
+
+Why the floors: on a busy host a healthy sub-millisecond replica stalls for 5-10 ms now
+and then (a scheduling gap); the calls in flight through the stall all go unanswered
+together, and their age is 3x a sub-millisecond median. Ejecting for that took a third
+of a three-replica set out for 2 s (the multi-host test saw one replica at 4 % of calls).
+
+Ejection lasts ``base_s * 2 ** (times ejected before)``, at most ``max_s``. At most
+``max_share`` of a service's replicas (rounded down, but 1 when there are 2 or more) are
+ejected at once; the balancer falls back to every usable replica when none is left in
+rotation. No grpc imports, no clock of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
-from router.endpoints import Endpoint
+from router.endpoints import Endpoint, merged_percentile
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +46,9 @@ class OutlierDetector:
         *,
         ratio: float = 3.0,
         min_excess_s: float = 0.005,
-        min_samples: int = 5,
+        min_samples: int = 10,
         unanswered: int = 5,
+        hang_min_s: float = 0.25,
         base_s: float = 2.0,
         max_s: float = 60.0,
         max_share: float = 0.5,
@@ -44,6 +58,7 @@ class OutlierDetector:
         self.min_excess_s = min_excess_s
         self.min_samples = min_samples
         self.unanswered = unanswered
+        self.hang_min_s = hang_min_s
         self.base_s = base_s
         self.max_s = max_s
         self.max_share = max_share
@@ -55,11 +70,16 @@ class OutlierDetector:
             return 0
         return max(1, math.floor(n * self.max_share))
 
-    @staticmethod
-    def _score(ep: Endpoint, now: float) -> float | None:
-        if ep.ewma_per_unit_s is None:
+    def _stuck(self, ep: Endpoint, peers: Sequence[Endpoint], now: float) -> str | None:
+        """Why ``ep`` counts as hung, or None."""
+        waited = ep.oldest_in_flight_s(now)
+        if waited < self.hang_min_s:
             return None
-        return max(ep.ewma_per_unit_s, ep.oldest_in_flight_s(now))
+        tail = merged_percentile(list(peers), 0.99)
+        if tail is not None and waited > self.ratio * tail:
+            return (f"stuck: a call waited {waited * 1e3:.0f} ms for an answer, "
+                    f"the peers' p99 is {tail * 1e3:.1f} ms")
+        return None
 
     def evaluate(self, endpoints: Sequence[Endpoint], now: float) -> list[Endpoint]:
         """Eject the outliers among ``endpoints`` (the service's healthy, active replicas);
@@ -69,17 +89,26 @@ class OutlierDetector:
         room = self.max_ejected(len(live)) - ejected_now
         if room <= 0:
             return []
-        scores = {id(ep): self._score(ep, now) for ep in live}
         out: list[Endpoint] = []
-        for ep in live:  # unresponsive first: no latency comparison needed
-            if room > 0 and ep.ejected_until <= now and ep.unanswered_in_row >= self.unanswered:
-                self.eject(ep, now, why="unresponsive")
+        for ep in live:  # not answering first: no latency comparison needed
+            if room <= 0:
+                break
+            if ep.ejected_until > now:
+                continue
+            if (ep.unanswered_in_row >= self.unanswered
+                    and now - ep.unanswered_since >= self.hang_min_s):
+                why = f"unresponsive: {ep.unanswered_in_row} first attempts in a row unanswered"
+            else:
+                why = self._stuck(ep, [p for p in live if p is not ep and p.ejected_until <= now],
+                                  now)
+            if why is not None:
+                self.eject(ep, now, why=why)
                 out.append(ep)
                 room -= 1
+        scores = {id(ep): ep.typical_per_unit_s() for ep in live}
         ranked = sorted(
             (ep for ep in live if ep.ejected_until <= now and scores[id(ep)] is not None
-             and all(ep is not o for o in out)
-             and (len(ep.latency) >= self.min_samples or ep.oldest_in_flight_s(now) > 0)),
+             and len(ep.latency) >= self.min_samples),
             key=lambda ep: scores[id(ep)], reverse=True,
         )
         for ep in ranked:
@@ -92,7 +121,8 @@ class OutlierDetector:
             median = statistics.median(peers)
             score = scores[id(ep)]
             if score > self.ratio * median and score - median >= self.min_excess_s:
-                self.eject(ep, now)
+                self.eject(ep, now, why=f"slow: {score * 1e3:.1f} ms per unit, "
+                                        f"the peers' {median * 1e3:.1f} ms")
                 out.append(ep)
                 room -= 1
         return out
@@ -103,7 +133,7 @@ class OutlierDetector:
         ep.ejections += 1
         ep.ejected_until = now + duration
         # Readmitted with a fresh estimate: the peers' median, not the outlier's past.
-        ep.ewma_per_unit_s = None
+        ep.forget_estimate()
         ep.unanswered_in_row = 0
         log.warning("ejected %s %s for %.1fs (%s, %d time(s))",
                     ep.service, ep.address, duration, why, ep.ejections)

@@ -122,8 +122,8 @@ async def test_hedge_wins_and_the_slow_attempt_is_cancelled():
     first_pick = []
     original = rs.balancer.pick
 
-    def pick(cands, units=1):
-        ep = original(cands, units)
+    def pick(cands, units=1, now=None):
+        ep = original(cands, units, now)
         if not first_pick:
             first_pick.append(ep)
         return ep
@@ -148,8 +148,8 @@ async def test_a_hedge_that_loses_to_the_first_attempt_is_no_evidence_of_a_hang(
     picks = []
     original = rs.balancer.pick
 
-    def pick(cands, units=1):
-        ep = original(cands, units)
+    def pick(cands, units=1, now=None):
+        ep = original(cands, units, now)
         picks.append(ep)
         return ep
 

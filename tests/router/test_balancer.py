@@ -61,6 +61,9 @@ def test_round_robin_and_least_request():
 
 def test_outlier_is_ejected_for_growing_times_and_share_is_capped():
     eps = [endpoint(f"e{i}:1", ewma=0.001, samples=10) for i in range(4)]
+    for _ in range(10):
+        eps[0].observe(0.050)
+        eps[1].observe(0.060)
     eps[0].ewma_per_unit_s = 0.050
     eps[1].ewma_per_unit_s = 0.060
     detector = OutlierDetector(ratio=3.0, base_s=2.0, max_share=0.25)
@@ -83,6 +86,26 @@ def test_a_hung_replica_is_an_outlier_before_any_call_completes():
     assert detector.evaluate(eps, now=0.5) == [eps[2]]
 
 
+def test_one_cold_first_call_does_not_make_an_outlier():
+    # A replica's first call paid for a new connection (40 ms), the next ones are as fast as
+    # its peers': its EWMA is still ~17 ms after four of them, but it is no outlier, and a
+    # call of it in flight for 1 ms does not let it skip the sample count either.
+    eps = [endpoint(f"e{i}:1", ewma=0.0005, samples=10) for i in range(3)]
+    cold = endpoint("cold:1")
+    cold.observe(0.040)
+    cold.start(0.0)
+    detector = OutlierDetector(ratio=3.0, min_excess_s=0.005)
+    assert detector.evaluate([*eps, cold], now=0.001) == []
+    for _ in range(4):
+        cold.observe(0.0005)
+    assert cold.ewma_per_unit_s > 0.015
+    assert detector.evaluate([*eps, cold], now=0.001) == []
+    # really slow (every recent sample) is an outlier
+    for _ in range(5):
+        cold.observe(0.040)
+    assert detector.evaluate([*eps, cold], now=0.001) == [cold]
+
+
 def test_two_replicas_one_may_go_one_alone_never():
     detector = OutlierDetector(max_share=0.5)
     assert detector.max_ejected(1) == 0
@@ -102,7 +125,10 @@ def test_a_replica_whose_hedged_attempts_never_answer_is_ejected():
         hung.finish(hung.start(0.0), 0.004, sample=False, answered=answered)
     assert detector.evaluate(eps, now=0.0) == [], "an answer in between: not hung"
     hung.finish(hung.start(0.0), 0.004, sample=False, answered=False)
-    assert detector.evaluate(eps, now=0.0) == [hung]
+    # 3 in a row within 4 ms: the calls of one stall (a busy host), not a hang yet
+    assert detector.evaluate(eps, now=0.004) == []
+    hung.finish(hung.start(0.3), 0.304, sample=False, answered=False)
+    assert detector.evaluate(eps, now=0.304) == [hung], "a streak over 0.3 s"
     assert hung.unanswered_in_row == 0 and hung.ejected_until > 0
     # the caller leaving says nothing about the replica
     other = eps[1]
@@ -120,3 +146,68 @@ def test_a_replica_back_to_serving_starts_from_a_fresh_estimate():
     ep.observe(0.01)
     ep.set_health(True)  # SERVING again while serving: no reset
     assert ep.ewma_per_unit_s == 0.01
+
+
+def test_a_stale_high_estimate_decays_so_a_starved_replica_is_tried_again():
+    # One sequential caller, three equal 1 ms replicas; one had a 20 ms hiccup (a
+    # reconnect) and, in flight never above 1, it would lose every pair for good.
+    clock = 0.0
+    eps = [endpoint(f"e{i}:1") for i in range(3)]
+    for ep in eps:
+        ep.observe(0.001, now=clock)
+    eps[2].observe(0.020, now=clock)
+    eps[2].ewma_per_unit_s = 0.020
+    balancer = Balancer("p2c", random.Random(5))
+    picks = collections.Counter()
+    for _ in range(6000):  # 6 s of 1 ms calls
+        ep = balancer.pick(eps, 1, clock)
+        token = ep.start(clock)
+        clock += 0.001
+        ep.finish(token, clock)
+        picks[ep.address] += 1
+    assert picks["e2:1"] > 0.25 * sum(picks.values()), picks
+    assert eps[2].ewma_per_unit_s == pytest.approx(0.001)
+    # without a clock nothing decays: the old behaviour, kept for callers without one
+    assert cost(eps[2], 1, 0.001) == pytest.approx(cost(eps[0], 1, 0.001))
+
+
+def test_a_really_slow_replica_pays_one_call_per_stale_spell():
+    clock = 0.0
+    fast = [endpoint(f"f{i}:1") for i in range(2)]
+    slow = endpoint("slow:1")
+    for ep in fast:
+        ep.observe(0.001, now=clock)
+    slow.observe(0.010, now=clock)
+    balancer = Balancer("p2c", random.Random(9))
+    picks = collections.Counter()
+    for _ in range(5000):  # ~5 s of calls
+        ep = balancer.pick([*fast, slow], 1, clock)
+        token = ep.start(clock)
+        clock += 0.010 if ep is slow else 0.001
+        ep.finish(token, clock)
+        picks[ep.address] += 1
+    # its sample after each stale spell puts it back at 10x: a few probes a second
+    assert 0 < picks["slow:1"] < 0.01 * sum(picks.values()), picks
+
+
+def test_a_short_stall_or_a_long_stream_is_not_a_hang():
+    # Peers answer in 0.5 ms. A 10 ms scheduling stall leaves calls waiting 20x that:
+    # not ejected (under hang_min_s). A stream that sent its first message 5 s ago is
+    # answered, however long it runs; one waiting 0.3 s for its first message is stuck.
+    eps = [endpoint(f"e{i}:1", ewma=0.0005, samples=10) for i in range(3)]
+    for ep in eps:
+        for _ in range(10):
+            ep.latency.add(0.0005)
+    detector = OutlierDetector(ratio=3.0)
+    stalled = eps[0]
+    stalled.start(0.0)
+    stalled.start(0.001)
+    assert detector.evaluate(eps, now=0.010) == []
+    stream = eps[1]
+    token = stream.start(0.0)
+    stream.answered(token)
+    assert stream.in_flight == 1 and stream.oldest_in_flight_s(5.0) == 0.0
+    assert detector.evaluate(eps[1:], now=5.0) == []
+    waiting = eps[2]
+    waiting.start(5.0)
+    assert detector.evaluate(eps[1:], now=5.3) == [waiting]

@@ -41,7 +41,7 @@ def run_callers(callers: int, calls: int, *, eject: bool = True, seed: int = 3) 
 
     def start() -> None:
         nonlocal seq
-        ep = rs.balancer.pick(rs.candidates(clock()), 1)
+        ep = rs.balancer.pick(rs.candidates(clock()), 1, clock())
         picked[ep.address] += 1
         token = ep.start(clock())
         seq += 1
