@@ -23,8 +23,8 @@ refreshes it (``Endpoint.estimate_per_unit_s``): with sequential callers the in-
 factor stays near 1, and one hiccup (a reconnect, a scheduling stall) that made a
 replica's estimate 10x its peers' would otherwise keep it out of every pair for good
 (one of three equal replicas got 4 % of the calls in a CI run before this). A replica
-that is really slow pays one call per stale spell: that call's sample replaces the
-decayed estimate. No grpc imports.
+that is really slow pays one call per stale spell: its stored estimate stays high and
+that call refreshes it. No grpc imports.
 """
 
 from __future__ import annotations

@@ -179,9 +179,11 @@ class Endpoint:
 
     def observe(self, elapsed_s: float, units: int = 1, *, now: float | None = None) -> None:
         """Feed one latency of a call of ``units`` units of work. A sample after a stale
-        spell (no sample for ``STALE_HALF_LIFE_S``) replaces the estimate: the spell
-        was starving the replica because of that old estimate, and one fresh call says
-        more about it now (a replica that is really slow is back at its cost at once)."""
+        spell (no sample for ``STALE_HALF_LIFE_S``) that is below the stored estimate
+        replaces it: the spell was starving the replica because of that old estimate,
+        and one fresh call says more about it now. A higher one blends in as usual (the
+        stored estimate of a really slow replica was never lowered by the decay, which
+        only the balancer applies, so it stays where it was)."""
         per_unit = elapsed_s / max(1, units)
         stale = (now is not None and self.sampled_at is not None
                  and now - self.sampled_at > STALE_HALF_LIFE_S)
