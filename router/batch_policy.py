@@ -1,5 +1,6 @@
 """The batching policy (bounds of a batch, of the queue and of admission), the timing a
-request's items report, and the queue's item types; used by ``router.batcher``.
+request's items report, the queue's item types and the deadline guard that answers a
+late request; used by ``router.batcher``.
 
 No grpc imports: policy.
 """
@@ -87,7 +88,7 @@ class BatchTiming:
 class Item(Generic[In, Out]):
     """One queued item: payload, token cost, the caller's future, deadline, priority."""
 
-    __slots__ = ("payload", "cost", "future", "enqueued", "deadline", "priority")
+    __slots__ = ("payload", "cost", "future", "enqueued", "deadline", "priority", "started")
 
     def __init__(
         self, payload: In, cost: int, future: asyncio.Future, deadline: float | None,
@@ -99,6 +100,9 @@ class Item(Generic[In, Out]):
         self.enqueued = time.monotonic()
         self.deadline = deadline
         self.priority = priority
+        #: Set on the lane's thread when its batch starts (a batch handed to a busy lane
+        #: ahead of time has not): until then the item can still be shed unrun.
+        self.started = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,43 @@ def run_timed(
     read of its state, which only the event loop writes."""
     if all(item.future.done() for item in batch):
         return None
+    for item in batch:
+        item.started = True
     started = time.monotonic()
     outputs = run([item.payload for item in batch])
     return outputs, started, time.monotonic()
+
+
+def deadline_guard(
+    items: list[Item[In, Out]], left_s: float, own_s: float, admission: AdmissionPolicy,
+    shed: Callable[[list[Item[In, Out]], str], None],
+) -> list[asyncio.TimerHandle]:
+    """Timers that answer a request ``left_s`` from its deadline when its batches run late
+    (``shed`` fails the given items ``Overloaded``, with pushback: an answer, not
+    DEADLINE_EXCEEDED at the caller):
+
+    * items not started (queued, or handed to a busy lane) when only their own compute
+      (``own_s``) and half the slack (``AdmissionPolicy.slack_s``) remain are shed unrun;
+    * a request still unanswered when only a third of the slack (at least the reserve)
+      remains is answered then; its running batch's result is dropped.
+
+    A request admitted on an idle hop although its estimate did not fit (the idle rule)
+    starts at once, so only the second mark applies to it."""
+    slack = admission.slack_s(left_s)
+    loop = asyncio.get_running_loop()
+
+    def refuse(why: str, unstarted_only: bool) -> None:
+        late = [i for i in items if not i.future.done() and not (unstarted_only and i.started)]
+        if late:
+            shed(late, why)
+
+    timers = []
+    shed_in = left_s - own_s - slack / 2
+    if shed_in > 0:
+        timers.append(loop.call_later(
+            shed_in, refuse, "could not start the request before its deadline", True))
+    answer_in = left_s - max(admission.reserve_s, slack / 3)
+    if answer_in > 0:
+        timers.append(loop.call_later(
+            answer_in, refuse, "could not finish the request before its deadline", False))
+    return timers

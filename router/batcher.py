@@ -18,7 +18,8 @@ Invariants:
 - every future handed out is resolved on every path (result, the batch's own exception,
   ``Overloaded``, ``DeadlineTooShort``, ``Unavailable`` at stop) or cancelled by its caller;
 - items whose caller went away (cancelled) or whose deadline passed are dropped before
-  compute;
+  compute; a request whose batches run late is answered ``Overloaded`` before its
+  caller's deadline (``_guard``), never left to end DEADLINE_EXCEEDED;
 - the queue never holds more than ``max_queue`` live items nor ``max_queue_tokens``
   tokens (hard bounds); a request is admitted only when its estimated completion (the
   wait for the work ahead plus its own compute, from ``router.cost_model``, which learns
@@ -44,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from router.admission import MIN_RETRY_S, Priority, admit
-from router.batch_policy import BatchPolicy, BatchTiming
+from router.batch_policy import BatchPolicy, BatchTiming, deadline_guard
 from router.batch_policy import Item as _Item
 from router.batch_policy import Served as _Served
 from router.batch_policy import run_timed as _run_timed
@@ -177,7 +178,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue.extend(items)
         self._queued_tokens += sum(i.cost for i in items)
         self._arrived.set()
-        shed = self._shed_timer(items, deadline, admitted.own_s, priority)
+        guards = self._guard(items, deadline, admitted.own_s, priority)
         try:
             served: list[_Served[Out]] = await asyncio.gather(*(i.future for i in items))
         except BaseException:
@@ -186,8 +187,8 @@ class DynamicBatcher(Generic[In, Out]):
             self._purge()
             raise
         finally:
-            if shed is not None:
-                shed.cancel()
+            for timer in guards:
+                timer.cancel()
         batches: dict[int, float] = {s.batch_id: s.compute_s for s in served}
         timing = BatchTiming(
             queue_s=max(s.queue_s for s in served),
@@ -196,28 +197,22 @@ class DynamicBatcher(Generic[In, Out]):
         )
         return [s.value for s in served], timing
 
-    def _shed_timer(
+    def _guard(
         self, items: list[_Item[In, Out]], deadline: float | None, own_s: float, priority: Priority,
-    ) -> asyncio.TimerHandle | None:
-        """Items still queued when only their own compute and a slack (15 % of the time left,
-        5-100 ms: loaded machines run late) remain of the caller's deadline are refused then
-        (``Overloaded``, with pushback): an answer before the deadline, not DEADLINE_EXCEEDED.
-        None without a caller's deadline or when the estimate never fitted (idle hop rule)."""
-        left = None if deadline is None else deadline - time.monotonic()
-        delay = None if left is None else left - own_s - max(self._admission.reserve_s, min(0.15 * left, 0.1))
-        if delay is None or delay <= 0:
-            return None
+    ) -> list[asyncio.TimerHandle]:
+        """The timers that answer a request before its deadline when its batches run late
+        (``router.batch_policy.deadline_guard``)."""
+        if deadline is None:
+            return []
 
-        def shed() -> None:
-            waiting = {id(i) for i in self._queue}
-            late = [i for i in items if not i.future.done() and id(i) in waiting]
-            error = Overloaded(f"{self.name} could not start the request before its deadline",
+        def shed(late: list[_Item[In, Out]], why: str) -> None:
+            error = Overloaded(f"{self.name} {why}",
                                retry_after_s=max(0.001, self.estimated_delay_s(priority=priority)))
             for item in late:
                 item.future.set_exception(error)
             self._purge()
 
-        return asyncio.get_running_loop().call_later(delay, shed)
+        return deadline_guard(items, deadline - time.monotonic(), own_s, self._admission, shed)
 
     def _check_hard_bounds(self, costs: Sequence[int]) -> None:
         """Refuse (Overloaded) a request the queue cannot hold: items or tokens."""

@@ -40,11 +40,20 @@ def decide(wait_s, own_s, deadline_in, priority=Priority.NORMAL, policy=POLICY):
                  priority=priority, now=NOW)
 
 
-def test_admitted_when_wait_plus_own_fits_the_deadline_less_the_reserve():
+def test_admitted_when_wait_plus_own_fits_the_deadline_less_the_slack():
     assert decide(2.0, 0.1, 10.0).deadline == NOW + 10.0
-    assert decide(0.04, 0.005, 0.05).wait_s == 0.04  # 45 ms of 45 ms left after the reserve
+    # 50 ms left keeps 15 % (7.5 ms) back: 42.5 ms of work fits, 43 does not.
+    assert decide(0.0375, 0.005, 0.05).wait_s == 0.0375
     with pytest.raises(Overloaded):
-        decide(0.041, 0.005, 0.05)
+        decide(0.038, 0.005, 0.05)
+
+
+def test_the_slack_is_a_share_of_what_is_left_between_the_reserve_and_its_cap():
+    assert POLICY.slack_s(10.0) == pytest.approx(0.1)    # capped at max_slack_s
+    assert POLICY.slack_s(0.2) == pytest.approx(0.03)    # 15 %
+    assert POLICY.slack_s(0.02) == pytest.approx(0.005)  # at least the reserve
+    with pytest.raises(ValueError):
+        AdmissionPolicy(slack_fraction=1.0)
 
 
 def test_a_50_ms_deadline_behind_2_s_of_work_is_refused_with_when_it_drains():
@@ -52,9 +61,9 @@ def test_a_50_ms_deadline_behind_2_s_of_work_is_refused_with_when_it_drains():
         decide(2.0, 0.015, 0.05)
     err = info.value
     assert (err.status, err.reason) == ("RESOURCE_EXHAUSTED", "OVERLOADED")
-    # Once 2.0 - (0.045 - 0.015) s of the work ahead has drained, the same call fits.
-    assert err.retry_after_s == pytest.approx(1.97)
-    assert err.metadata == {"estimated_wait_ms": "2000", "budget_ms": "45", "priority": "normal"}
+    # Once 2.0 - (0.0425 - 0.015) s of the work ahead has drained, the same call fits.
+    assert err.retry_after_s == pytest.approx(1.9725)
+    assert err.metadata == {"estimated_wait_ms": "2000", "budget_ms": "42", "priority": "normal"}
     assert "its deadline" in err.message
 
 
@@ -147,7 +156,8 @@ def test_generation_gate_serves_a_burst_that_fits_and_refuses_one_that_cannot():
     # A stream whose deadline cannot cover the estimated time to first token: at once.
     with pytest.raises(Overloaded) as info:
         gate.acquire(prompt_tokens=20, deadline=NOW + 1.0, now=NOW)
-    assert info.value.retry_after_s == pytest.approx(33 * 0.1875 - (0.995 - 0.08))
+    # 1 s left keeps 100 ms back (the slack's cap): the work ahead must drain to 0.82 s.
+    assert info.value.retry_after_s == pytest.approx(33 * 0.1875 - (0.9 - 0.08))
     assert gate.in_flight == 64  # nothing taken
 
 

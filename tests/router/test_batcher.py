@@ -533,3 +533,39 @@ async def test_the_wait_estimate_counts_what_is_left_of_the_running_batch(make):
     refused_at_once(b.submit(["late"], [10], time.monotonic() + 10))
     model.gate.set()
     await held
+
+
+async def test_a_batch_still_running_near_the_deadline_is_answered_before_it(make):
+    model = GatedModel()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0)
+    primed(b, per_token_s=0.001)  # 10 tokens ~10 ms: admitted, and it starts at once
+    model.gate.clear()  # ... but runs far longer than estimated
+    began = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        await b.submit(["slow"], [10], deadline=began + 0.2)
+    took = time.monotonic() - began
+    # Answered at a third of the slack (30 ms of 200) before the deadline, not after it.
+    assert 0.15 <= took < 0.2
+    assert "could not finish" in info.value.message and info.value.retry_after_s > 0
+    model.gate.set()
+    assert (await b.submit(["next"], [1]))[0] == ["NEXT"]  # the late result was dropped
+
+
+async def test_work_handed_to_a_busy_lane_is_shed_unrun_before_the_deadline(make):
+    model = HeldItems()
+    b = await make(model, max_batch_size=1, max_wait_s=0.0, lanes=1, lane_depth=2)
+    primed(b, per_token_s=0.001)
+    held = asyncio.create_task(b.submit(["hold"], [10]))
+    await asyncio.to_thread(model.entered.wait, 10)
+    began = time.monotonic()
+    handed = asyncio.create_task(b.submit(["handed"], [10], deadline=began + 0.2))
+    await asyncio.sleep(0.05)
+    assert b.queued == 0  # it waits on the lane's worker, not in the queue
+    with pytest.raises(Overloaded) as info:
+        await handed
+    # Shed when only its own ~10 ms and half the 30 ms slack were left.
+    assert 0.15 <= time.monotonic() - began < 0.2
+    assert "could not start" in info.value.message
+    model.gate.set()
+    await held
+    assert [items for _, items in model.batches] == [["hold"]]
