@@ -175,7 +175,7 @@ class Screen:
             return sources
         kept = []
         for source in sources:
-            family = injection.detect(source.text)
+            family = injection.detect_passage(source.text)
             if family is None:
                 kept.append(source)
             else:

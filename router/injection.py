@@ -26,8 +26,11 @@ by ``perf/guardrail_eval.py``; a model-based classifier would sit behind the sam
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
 import unicodedata
+from collections import OrderedDict
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
@@ -137,6 +140,29 @@ def detect(text: str) -> str | None:
         if pattern.search(folded if family == "delimiter" else flat):
             return family
     return None
+
+
+#: Verdicts of passages seen recently (blake2b digest of the text -> family or None).
+#: A stored passage is retrieved again and again; its verdict depends on its text only.
+PASSAGE_VERDICTS = 8192
+_verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+_verdicts_lock = threading.Lock()
+
+
+def detect_passage(text: str) -> str | None:
+    """``detect`` for a retrieved passage, remembered per text (a bounded LRU of digests:
+    ~0.2 ms of pattern scans per passage become ~2 us for one seen before)."""
+    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    with _verdicts_lock:
+        if key in _verdicts:
+            _verdicts.move_to_end(key)
+            return _verdicts[key]
+    verdict = detect(text)
+    with _verdicts_lock:
+        _verdicts[key] = verdict
+        if len(_verdicts) > PASSAGE_VERDICTS:
+            _verdicts.popitem(last=False)
+    return verdict
 
 
 def find(text: str) -> list[tuple[int, int]]:

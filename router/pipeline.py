@@ -15,6 +15,8 @@ the deadline budget is ``router.budget``. No grpc imports.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -36,8 +38,10 @@ from router.hop_api import (
     SearchCall,
     Upstream,
 )
-from router.prompt_packing import DEFAULT_SYSTEM_PROMPT, pack
+from router.prompt_packing import CALIBRATION, DEFAULT_SYSTEM_PROMPT, pack, token_bound
 from router.semantic_cache import SemanticCache, partition_key
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 8192
 DEFAULT_SEARCH_TOP_K = 50
@@ -45,6 +49,19 @@ DEFAULT_TOP_N = 5
 MAX_SEARCH_TOP_K = 1000
 #: Output tokens kept free in the window when the request sets no max_tokens.
 DEFAULT_ANSWER_TOKENS = 256
+#: Added to the one-message probe's tokens for the template's tokens per message (a
+#: role name longer than "user").
+TEMPLATE_SLACK_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class ModelWindow:
+    """What the pipeline learns once per counting model."""
+
+    context_tokens: int
+    #: The template's tokens per message for ``prompt_packing.token_bound``; None when
+    #: the model's tokenizer broke the bound on the calibration text (always count).
+    per_message: int | None
 
 
 @dataclass(frozen=True)
@@ -177,11 +194,26 @@ class Pipeline:
         self.log_text = log_text
         #: Where ``auto`` falls back to when its generation does not fit the deadline.
         self.small_tier = small_tier
-        #: Context window (tokens) per counting model, learnt from the first count.
-        self._context_tokens: dict[str, int] = {}
+        #: Context window and template size per counting model, learnt at its first use.
+        self._windows: dict[str, ModelWindow] = {}
         self.latency = latency or budget.LatencyModel()
         self.default_system_prompt = default_system_prompt
         self.cache = cache
+
+    async def _model_window(self, counting: str, deadline: float | None) -> ModelWindow:
+        """The model's window, and whether its tokenizer keeps ``token_bound`` (checked on
+        ``CALIBRATION``): then a prompt whose bound fits is not counted."""
+        probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
+        per_message = probe.tokens + TEMPLATE_SLACK_TOKENS
+        calibration = (("system", CALIBRATION), ("user", CALIBRATION))
+        checked = await self.upstream.count_tokens(counting, calibration, deadline=deadline)
+        bound = token_bound(calibration, per_message)
+        if checked.tokens > bound:
+            log.warning("the tokenizer of model %r counts %d tokens where the byte bound is "
+                        "%d: every prompt is counted", counting or "(default)",
+                        checked.tokens, bound)
+            return ModelWindow(probe.max_context_tokens, None)
+        return ModelWindow(probe.max_context_tokens, per_message)
 
     async def _embed(self, query: str, deadline: float | None) -> Embedded:
         t0 = time.perf_counter()
@@ -277,7 +309,6 @@ class Pipeline:
         )
         if screen is not None:  # a passage carrying instructions never reaches the prompt
             retrieved.sources = screen.passages(retrieved.sources)
-        yield retrieved.sources
         timings = [t for t in retrieved.timings if t.hop != "pipeline"]
         degradations = list(retrieved.degradations)
         model, cap = spec.model, 0
@@ -291,16 +322,17 @@ class Pipeline:
             out = await self.upstream.count_tokens(counting, messages, deadline=deadline)
             return out.tokens
 
-        context_tokens = self._context_tokens.get(counting)
-        if context_tokens is None:  # a model's window does not change: asked once
-            probe = await self.upstream.count_tokens(counting, (("user", "x"),), deadline=deadline)
-            context_tokens = self._context_tokens[counting] = probe.max_context_tokens
+        known = self._windows.get(counting)
+        sources_sent = known is None
+        if known is None:  # a model's window and tokenizer do not change: asked once
+            yield retrieved.sources  # not held up by the round trips that learn it
+            known = self._windows[counting] = await self._model_window(counting, deadline)
         reserve = spec.max_tokens or DEFAULT_ANSWER_TOKENS
-        window = max(0, context_tokens - reserve)
+        window = max(0, known.context_tokens - reserve)
         packed = await pack(
             count, system_prompt=system_prompt,
             sources=[s.text for s in retrieved.sources], history=spec.history,
-            question=r.query, window=window,
+            question=r.query, window=window, per_message=known.per_message,
         )
         dropped = len(retrieved.sources) - packed.sources_used
         if packed.truncated:
@@ -314,27 +346,38 @@ class Pipeline:
             GenerateCall(model, packed.messages, spec.sampling, max_tokens_cap=cap),
             deadline=deadline,
         )
+        # Once the window is known, the request starts before the sources go out: their
+        # write overlaps the engine's prefill instead of delaying the first token.
+        head = asyncio.ensure_future(_next_event(stream))
         # Redacted deltas carry text only (their token ids no longer match it).
         redactor = screen.answer_stream() if screen is not None else None
         try:
-            async for event in stream:
+            if not sources_sent:
+                await asyncio.sleep(0)  # its synchronous start (tokenising, submitting) first
+                yield retrieved.sources
+            event = await head
+            while event is not None:
                 if isinstance(event, Delta):
                     if redactor is not None:
                         event = Delta(redactor.feed(event.text))
-                        if not event.text:
-                            continue
-                    texts.append(event.text)
-                    yield event
-                else:
+                    if event.text or redactor is None:  # all held back: nothing to send
+                        texts.append(event.text)
+                        yield event
+                else:  # the last event: the held-back tail goes now, before the close
                     final = event
+                    tail = _flush(redactor)
+                    redactor = None
+                    if tail:
+                        texts.append(tail)
+                        yield Delta(tail)
+                event = await _next_event(stream)
         finally:
+            await _settle(head)
             await stream.aclose()
-        if redactor is not None:
-            tail = redactor.flush()
-            redactor.report()
-            if tail:
-                texts.append(tail)
-                yield Delta(tail)
+        tail = _flush(redactor)  # a stream that ended without its final event
+        if tail:
+            texts.append(tail)
+            yield Delta(tail)
         elapsed = time.perf_counter() - t0
         self.latency.observe("generate", elapsed)
         self.latency.observe(budget.generate_key(model), elapsed)
@@ -358,6 +401,41 @@ class Pipeline:
                 value, value.size,
             )
         yield done
+
+
+async def _next_event(stream: AsyncIterator[Any]) -> Any:
+    """The stream's next event; None at its end."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _settle(task: asyncio.Future) -> None:
+    """Cancel ``task`` unless done and wait for it, its outcome consumed (the caller left,
+    or failed, before it was awaited); a cancellation of the caller itself propagates."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # noqa: BLE001 - its error has no one left to reach
+        log.debug("generation start failed after the answer ended", exc_info=True)
+
+
+def _flush(redactor: Any) -> str:
+    """The text an answer redactor still holds, its findings reported ("" for None)."""
+    if redactor is None:
+        return ""
+    tail = redactor.flush()
+    redactor.report()
+    return tail
 
 
 async def _replay(

@@ -6,6 +6,13 @@ question as the last user message. Token counts come from the model's own tokeni
 chat template (``count`` is the generation hop's CountTokens); the window is the model's
 ``max_context_tokens`` less the tokens kept for the answer.
 
+Counting is skipped when it cannot change the outcome: ``token_bound`` is an upper bound
+of a prompt's tokens under any tokenizer each of whose tokens stands for at least one
+byte of its (normalised) text, and when the whole prompt's bound fits the window it fits
+(the pipeline checks once per model, on ``CALIBRATION``, that its tokenizer keeps the
+bound: ``Pipeline._model_window``). A CountTokens call costs 2-3 ms in-process here (the chat
+template and the tokenizer), more over the network: most of the pipeline's own time.
+
 Invariants: sources keep their rank order and numbering ([i] is the i-th source of the
 answer's sources message); a source that does not fit whole is cut to what is left (at
 a word boundary) when at least ``MIN_SOURCE_TOKENS`` are left, otherwise it and every
@@ -15,6 +22,7 @@ prompt without sources does not fit, CONTEXT_LENGTH_EXCEEDED.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +46,7 @@ class Packed:
     """The messages to generate from, how many sources they hold, which were cut."""
 
     messages: Messages
-    tokens: int
+    tokens: int  # counted, or (when the count was skipped) ``token_bound``
     sources_used: int
     truncated: tuple[int, ...]  # 1-based numbers of sources cut to fit
 
@@ -52,6 +60,31 @@ def build_messages(
         listed = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(sources, 1))
         system = f"{system_prompt}\n\nSources:\n{listed}"
     return (("system", system), *history, ("user", question))
+
+
+#: Text to check a tokenizer against ``token_bound`` with: digits, punctuation, accents,
+#: ligatures, CJK, Greek, an emoji and a character that compatibility normalisation
+#: expands eighteen-fold.
+CALIBRATION = (
+    "Naïve café owners paid 3.14159 € (½ price) for the ﬁle — 東京, Ελληνικά, 😀, ﷺ; "
+    "see https://example.org/a_b?c=1&d=2 or call +1-555-0100. ①②③ İstanbul ß"
+)
+
+
+def text_bound(text: str) -> int:
+    """At most the tokens of ``text`` under a tokenizer whose every token stands for at
+    least one byte of the text after normalisation: its UTF-8 bytes (ASCII: its length;
+    otherwise after NFKD, the most expanding normalisation tokenizers apply), plus one
+    for a prefix token (SentencePiece's leading space)."""
+    if text.isascii():
+        return len(text) + 1
+    return len(unicodedata.normalize("NFKD", text).encode("utf-8")) + 1
+
+
+def token_bound(messages: Messages, per_message: int) -> int:
+    """At most the tokens of ``messages``: each one's ``text_bound`` plus ``per_message``
+    for the chat template around it (the generation prompt included)."""
+    return sum(text_bound(content) + per_message for _, content in messages)
 
 
 def _cut(text: str, fraction: float) -> str:
@@ -69,12 +102,19 @@ async def pack(
     history: Messages,
     question: str,
     window: int,
+    per_message: int | None = None,
 ) -> Packed:
-    """Fit ``sources`` (rank order) into ``window`` tokens; see the module doc."""
+    """Fit ``sources`` (rank order) into ``window`` tokens; see the module doc.
+    ``per_message``: the template's tokens per message when the model's tokenizer keeps
+    ``token_bound`` (no count when the bound fits); None: always count."""
     if sources:
         # The common case first: everything fits, one count (the prompt only grows with
-        # sources, so the question alone fits too).
+        # sources, so the question alone fits too) or none.
         whole = build_messages(system_prompt, list(sources), history, question)
+        if per_message is not None:
+            bound = token_bound(whole, per_message)
+            if bound <= window:
+                return Packed(whole, bound, len(sources), ())
         tokens = await count(whole)
         if tokens <= window:
             return Packed(whole, tokens, len(sources), ())

@@ -275,3 +275,23 @@ def test_redactor_at_every_split_point(text):
             pieces = [text[:cut], text[cut:second], text[second:]]
             out = "".join(redactor.feed(p) for p in pieces) + redactor.flush()
             assert out == whole, (cut, second)
+
+
+def test_passage_verdicts_are_remembered_by_text_and_bounded(monkeypatch):
+    from router import injection
+    from tests.pipeline.guardrail_cases import BENIGN, INJECTION
+
+    monkeypatch.setattr(injection, "_verdicts", injection.OrderedDict())
+    monkeypatch.setattr(injection, "PASSAGE_VERDICTS", 64)
+    texts = [t for t, _ in INJECTION] + list(BENIGN)
+    expected = [injection.detect(t) for t in texts]
+    assert any(expected) and not all(expected)
+    for _ in range(2):  # cold, then (for the last 64) remembered: the same verdicts
+        assert [injection.detect_passage(t) for t in texts] == expected
+    assert len(injection._verdicts) == 64
+    calls = []
+    monkeypatch.setattr(injection, "detect", lambda t: calls.append(t))
+    injection.detect_passage(texts[-1])
+    assert calls == [], "a passage seen recently is not scanned again"
+    injection.detect_passage(texts[-1] + " ")
+    assert calls == [texts[-1] + " "], "another text is"
