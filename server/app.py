@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from server.config import Config
 from server.errors import NotImplementedYet
 from server.hop import Hop, HopContext
-from server.interceptors import GuardInterceptor, MetricsInterceptor, abort_with
+from server.interceptors import CachedHandlers, GuardInterceptor, MetricsInterceptor, abort_with
 from server.load_report import LoadReportInterceptor
 from server import telemetry
 
@@ -164,7 +164,9 @@ class BackboneServer:
         s = self.config.server
         self._server = grpc.aio.server(
             interceptors=[
-                # Outermost: the server span covers the whole call, errors included.
+                # Outermost: the chain below is built once per method, not per call.
+                CachedHandlers(),
+                # The server span covers the whole call, errors included.
                 telemetry.server_interceptor(self.context.tracer_provider),
                 MetricsInterceptor(),
                 self._guard,
