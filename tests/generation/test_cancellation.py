@@ -145,3 +145,31 @@ async def test_200_random_cancellations_leave_the_engine_clean(stub, gen_server,
     assert stream_text(after_messages) == before
     assert final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     await wait_engine_idle(vllm_generator)
+
+
+async def test_a_stream_closed_after_its_final_sends_the_engine_no_abort(vllm_generator, monkeypatch):
+    # Closing vLLM's generator before it returns aborts the request in the engine core
+    # (an IPC round trip), needless once it finished; an early close still aborts.
+    from server.engines.generator import ChatTurn, GenerationFinal, GenerationParams
+
+    llm = vllm_generator.llm
+    aborted: list[str] = []
+    real_abort = llm.abort
+
+    async def counting(request_id, *args, **kwargs):
+        aborted.append(request_id)
+        return await real_abort(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(llm, "abort", counting)
+    ids = vllm_generator.prompt_token_ids("", (ChatTurn("user", PROMPTS[0]),))
+    stream = vllm_generator.generate("finished-one", ids, GenerationParams(temperature=0.0, max_tokens=4))
+    async for event in stream:
+        if isinstance(event, GenerationFinal):
+            break
+    await stream.aclose()
+    assert aborted == []
+    stream = vllm_generator.generate("left-early", ids, GenerationParams(temperature=0.0, max_tokens=64))
+    await anext(stream)
+    await stream.aclose()
+    assert "left-early" in aborted
+    await wait_engine_idle(vllm_generator, timeout=5)
