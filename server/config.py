@@ -208,14 +208,15 @@ class RerankConfig:
     max_text_chars: int = 8192
     # Torch device of the rerank model.
     device: str = "cpu"
+    # Torch intra-op threads, process-wide (0: torch's default). 1: two crawl beside vLLM's
+    # busy-looping CPU worker (README, "Rerank hop"); raise it on a rerank host of its own.
+    threads: int = 1
     # maxsim: LRU cache of document vectors, in MiB; 0 disables it. A
     # document reranked again (any query) then costs no model time. ~0.2 MiB per passage.
     doc_cache_mb: int = 256
-    # Admission by deadline (router/admission.py, as embedding): the estimated wait for
-    # the pairs ahead plus the request's own compute must fit its deadline (less 5 ms)
-    # and this ceiling, in ms; beyond, RESOURCE_EXHAUSTED/OVERLOADED at once with a
-    # RetryInfo. One request of 32 passages is about a second of model time on a 2-core
-    # CPU: 5 s lets a burst of a few such requests queue. 0: only the deadline bounds.
+    # Admission by deadline (router/admission.py): the wait for the pairs ahead plus own
+    # compute must fit the deadline (less 5 ms) and this ceiling (ms; 0: none); else
+    # OVERLOADED at once with RetryInfo. 32 passages: ~1 s here, so 5 s lets a burst queue.
     max_queue_delay_ms: float = 5000.0
     # Deadline of a request that sets none, in milliseconds.
     default_deadline_ms: float = 10000.0

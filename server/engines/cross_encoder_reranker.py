@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ConfigError, RerankConfig
-from server.engines.reranker import Prepared, RerankerBase, cut_encoding, plan_pair
+from server.engines.reranker import (
+    Prepared,
+    RerankerBase,
+    apply_torch_threads,
+    cut_encoding,
+    plan_pair,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class CrossEncoderReranker(RerankerBase):
             raise ConfigError(
                 "rerank.engine = cross_encoder needs rerank.model_path (a local model directory)"
             )
+        apply_torch_threads(config.threads)
         return cls(config.model_path, device=config.device)
 
     def __init__(self, model_path: str | Path, device: str = "cpu", max_seq_length: int = 0) -> None:

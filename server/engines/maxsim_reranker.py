@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.engines.reranker import Prepared, RerankerBase, cut_encoding, plan_pair
+from server.engines.reranker import (
+    Prepared,
+    RerankerBase,
+    apply_torch_threads,
+    cut_encoding,
+    plan_pair,
+)
 
 if TYPE_CHECKING:
     from server.config import RerankConfig
@@ -147,6 +153,7 @@ class MaxSimReranker(RerankerBase):
     @classmethod
     def from_config(cls, config: RerankConfig) -> MaxSimReranker:
         """The engine for a ``[rerank]`` section (registry entry "maxsim")."""
+        apply_torch_threads(config.threads)
         return cls(
             config.model_path or None, device=config.device,
             cache_bytes=config.doc_cache_mb << 20,

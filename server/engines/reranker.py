@@ -35,6 +35,19 @@ TRUNCATE = "truncate"
 REJECT = "reject"
 
 
+def apply_torch_threads(threads: int) -> None:
+    """``rerank.threads``: torch's intra-op threads for this process (0 leaves torch's
+    default)."""
+    if threads < 0:
+        from server.config import ConfigError
+
+        raise ConfigError(f"rerank.threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class RerankLimits:
     """Input limits of one rerank request, checked before any work."""

@@ -140,3 +140,28 @@ def test_unknown_engine_and_missing_model_path_are_config_errors():
         load_config(overrides={"rerank": {"engine": "colbert"}})
     with pytest.raises(ConfigError):
         registry.load(registry.RERANK, "cross_encoder", RerankConfig(model_path=""))
+
+
+def test_rerank_threads_set_torchs_intra_op_threads_from_the_config(monkeypatch):
+    import torch
+
+    from server.engines import maxsim_reranker
+    from server.engines.reranker import apply_torch_threads
+
+    assert RerankConfig().threads == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_torch_threads(0)
+        assert torch.get_num_threads() == 2, "0 leaves torch's default"
+        apply_torch_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ConfigError):
+            apply_torch_threads(-1)
+        seen = []
+        monkeypatch.setattr(maxsim_reranker, "apply_torch_threads", seen.append)
+        monkeypatch.setattr(maxsim_reranker.MaxSimReranker, "__init__", lambda self, *a, **k: None)
+        maxsim_reranker.MaxSimReranker.from_config(RerankConfig(threads=3))
+        assert seen == [3]
+    finally:
+        torch.set_num_threads(before)
