@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 
 import grpc
 import numpy as np
@@ -42,10 +43,24 @@ async def test_default_engine_reranking_is_not_worse_than_dense(msmarco):
     assert len(corpus) == 5000 and len(queries) == 50
     top = msmarco.exact_top(CANDIDATES)  # the bundled MiniLM's dense order, in-process
 
-    # The hop builds its engine from the default config (document cache on, as served).
-    # No wait ceiling: 4 callers of 100 passages each queue several seconds of cold work
-    # on 2 cores, and this test is about quality, not admission.
-    async with running(make_config(rerank={"max_queue_delay_ms": 0}), [RerankHop()]) as server:
+    # The hop builds its engine from the default config (document cache on, as served),
+    # but with no wait ceiling (4 callers of 100 passages each queue several seconds of
+    # cold work on 2 cores, and this test is about quality, not admission) and on every
+    # core (the served default is one torch thread, for beside vLLM: 5,000 cold passages
+    # on one took ~12 min of a CI run). torch's setting is process-wide: put back after.
+    import torch
+
+    threads_before = torch.get_num_threads()
+    config = make_config(rerank={"max_queue_delay_ms": 0, "threads": os.cpu_count() or 1})
+    try:
+        await _rerank_all(config, corpus, queries, qrels, top)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+async def _rerank_all(config, corpus, queries, qrels, top) -> None:  # noqa: ANN001
+    """Rerank every query's dense top-100 through a real server and compare nDCG@10."""
+    async with running(config, [RerankHop()]) as server:
         assert server.hops[0].model_name == "maxsim-all-MiniLM-L6-v2"
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.RerankServiceStub(channel)
