@@ -24,7 +24,8 @@ factor stays near 1, and one hiccup (a reconnect, a scheduling stall) that made 
 replica's estimate 10x its peers' would otherwise keep it out of every pair for good
 (one of three equal replicas got 4 % of the calls in a CI run before this). A replica
 that is really slow pays one call per stale spell: its stored estimate stays high and
-that call refreshes it. No grpc imports.
+that call refreshes it; each such call that finds it slow again makes the next spell
+twice as long (``endpoints.SLOW_CONFIRM_RATIO``). No grpc imports.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def cost(ep: Endpoint, units: int, default_per_unit: float, now: float | None = 
 def _default_per_unit(candidates: Sequence[Endpoint], now: float | None = None) -> float:
     """The median of the candidates' estimates, of the fresh ones when any is fresh: a
     stale estimate must not hold up the median it decays toward."""
-    known = [ep.ewma_per_unit_s for ep in candidates
-             if ep.ewma_per_unit_s is not None and ep.fresh(now)]
-    if not known:
-        known = [ep.ewma_per_unit_s for ep in candidates if ep.ewma_per_unit_s is not None]
+    fresh: list[float] = []
+    stale: list[float] = []
+    for ep in candidates:  # one pass: this runs on every pick
+        if ep.ewma_per_unit_s is not None:
+            (fresh if ep.fresh(now) else stale).append(ep.ewma_per_unit_s)
+    known = fresh or stale
     return statistics.median(known) if known else 0.0
 
 

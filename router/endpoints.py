@@ -29,6 +29,26 @@ STALE_HALF_LIFE_S = 0.5
 # After this many half-lives the old estimate is forgotten (the replica costs the median,
 # as a new one does): a decay alone never crosses a peer that sits at the median.
 STALE_FORGET_HALF_LIVES = 4
+# A replica whose call after a stale spell comes in at this many times the median again is
+# slow, not unlucky: its next spell lasts twice as long (up to STALE_MAX_HALF_LIFE_S), so
+# a slow replica that no caller needs is probed ever more rarely (with one caller on 10 ms
+# calls a probe every 0.5 s was 2 % of the calls, enough to set the p99). A call that
+# comes in under it puts the spell back to STALE_HALF_LIFE_S.
+SLOW_CONFIRM_RATIO = 2.0
+# ... and at least this much slower than the median in that call's own time: a
+# sub-millisecond replica comes in at 2x its median at every scheduling hiccup (a fresh
+# process's first calls, a busy host), and doubling its spell for that starved a replica
+# that had just joined for over 5 s in a CI run (the outlier detector's floor, 5 ms, for
+# the same reason).
+SLOW_CONFIRM_MIN_S = 0.005
+STALE_MAX_HALF_LIFE_S = 8.0
+# A replica with fewer samples than this since it joined (or came back) costs at most its
+# peers' median, and its estimate starts from the fastest of them: its first calls run
+# through a fresh process or connection, and one of them lost to a hedge is a censored
+# sample of the hedge delay, 5-10x a sub-millisecond median, which would keep it out of
+# every pair until a stale spell ends (~2 s each; a CI run saw a joining replica get no
+# call in 5 s).
+WARMUP_SAMPLES = 3
 
 
 class LatencyWindow:
@@ -92,6 +112,11 @@ class Endpoint:
     unanswered_in_row: int = 0
     #: When the first attempt of that streak started.
     unanswered_since: float = 0.0
+    #: The half-life of this replica's stale estimate (see SLOW_CONFIRM_RATIO).
+    stale_half_life_s: float = STALE_HALF_LIFE_S
+    #: The peers' median the last decay was computed against (None: no decay since the
+    #: last sample); the next sample is judged against it.
+    decayed_against: float | None = None
     calls: int = 0
     failures: int = 0
     retries: int = 0
@@ -126,6 +151,7 @@ class Endpoint:
         would correct it."""
         if healthy and self.healthy is False:
             self.forget_estimate()
+            self.stale_half_life_s = STALE_HALF_LIFE_S
             self.unanswered_in_row = 0
         self.healthy = healthy
 
@@ -183,18 +209,35 @@ class Endpoint:
         replaces it: the spell was starving the replica because of that old estimate,
         and one fresh call says more about it now. A higher one blends in as usual (the
         stored estimate of a really slow replica was never lowered by the decay, which
-        only the balancer applies, so it stays where it was)."""
+        only the balancer applies, so it stays where it was). A sample that ends a decay
+        sets the next spell's length (``SLOW_CONFIRM_RATIO``). The first
+        ``WARMUP_SAMPLES`` samples keep the fastest of them."""
         per_unit = elapsed_s / max(1, units)
         stale = (now is not None and self.sampled_at is not None
                  and now - self.sampled_at > STALE_HALF_LIFE_S)
+        if self.decayed_against is not None:
+            median = self.decayed_against
+            if (per_unit >= SLOW_CONFIRM_RATIO * median
+                    and (per_unit - median) * max(1, units) >= SLOW_CONFIRM_MIN_S):
+                self.stale_half_life_s = min(STALE_MAX_HALF_LIFE_S, 2 * self.stale_half_life_s)
+            else:
+                self.stale_half_life_s = STALE_HALF_LIFE_S
+            self.decayed_against = None
         if now is not None:
             self.sampled_at = now
-        if self.ewma_per_unit_s is None or (stale and per_unit < self.ewma_per_unit_s):
+        warming = self.warming
+        if self.ewma_per_unit_s is None or ((stale or warming)
+                                            and per_unit < self.ewma_per_unit_s):
             self.ewma_per_unit_s = per_unit
-        else:
+        elif not warming:  # while warming up the fastest first call holds it
             self.ewma_per_unit_s += EWMA_ALPHA * (per_unit - self.ewma_per_unit_s)
         self.recent_per_unit.append(per_unit)
         self.latency.add(elapsed_s)
+
+    @property
+    def warming(self) -> bool:
+        """Fewer than ``WARMUP_SAMPLES`` samples since it joined or came back."""
+        return len(self.recent_per_unit) < WARMUP_SAMPLES
 
     def fresh(self, now: float | None) -> bool:
         """True when the estimate took a sample within ``STALE_HALF_LIFE_S`` of ``now``
@@ -205,18 +248,25 @@ class Endpoint:
     def estimate_per_unit_s(self, now: float | None, median: float) -> float | None:
         """The EWMA as the balancer should believe it at ``now``: an estimate above the
         peers' ``median`` decays toward it with the time since its last sample (half
-        of the excess per ``STALE_HALF_LIFE_S``, the median itself after
+        of the excess per ``stale_half_life_s``, the median itself after
         ``STALE_FORGET_HALF_LIVES``), so a replica starved by one bad spell is tried again
-        within a few half-lives and its next sample sets it right."""
+        within a few half-lives and its next sample sets it right. While it has fewer
+        than ``WARMUP_SAMPLES`` samples it costs at most the median."""
         ewma = self.ewma_per_unit_s
-        if ewma is None or now is None or self.sampled_at is None or ewma <= median:
+        if ewma is None or ewma <= median:
+            return ewma
+        if self.warming:
+            return median
+        if now is None or self.sampled_at is None:
             return ewma
         age = now - self.sampled_at
-        if age <= STALE_HALF_LIFE_S:
+        half_life = self.stale_half_life_s
+        if age <= half_life:
             return ewma
-        if age >= STALE_FORGET_HALF_LIVES * STALE_HALF_LIFE_S:
+        self.decayed_against = median
+        if age >= STALE_FORGET_HALF_LIVES * half_life:
             return median
-        return median + (ewma - median) * 0.5 ** (age / STALE_HALF_LIFE_S)
+        return median + (ewma - median) * 0.5 ** (age / half_life)
 
     def report(self, wait_s: float | None, in_flight: int | None) -> None:
         """Record the load the replica reported with an answer."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from router.breaker import CircuitBreaker
-from router.endpoints import Endpoint
+from router.endpoints import WARMUP_SAMPLES, Endpoint
 
 
 class FakeClock:
@@ -21,10 +21,13 @@ class FakeClock:
 
 
 def endpoint(address: str = "a:1", *, ewma: float | None = None, healthy: bool = True,
-             samples: int = 0) -> Endpoint:
-    """A healthy replica with an optional latency history (``samples`` of ``ewma``)."""
+             samples: int | None = None) -> Endpoint:
+    """A healthy replica with an optional latency history (``samples`` of ``ewma``; by
+    default, with an ``ewma``, just enough to be past its warm-up)."""
     ep = Endpoint("backbone.v1.EmbeddingService", address, CircuitBreaker())
     ep.healthy = healthy
+    if samples is None:
+        samples = WARMUP_SAMPLES if ewma is not None else 0
     for _ in range(samples):
         ep.observe(ewma or 0.0)
     if ewma is not None:

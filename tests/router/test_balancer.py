@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from router import endpoints
 from router.balancer import Balancer, cost
+from router.endpoints import Endpoint
 from router.outlier import OutlierDetector
 from tests.router.policy_fakes import endpoint
 
@@ -88,8 +90,8 @@ def test_a_hung_replica_is_an_outlier_before_any_call_completes():
 
 def test_one_cold_first_call_does_not_make_an_outlier():
     # A replica's first call paid for a new connection (40 ms), the next ones are as fast as
-    # its peers': its EWMA is still ~17 ms after four of them, but it is no outlier, and a
-    # call of it in flight for 1 ms does not let it skip the sample count either.
+    # its peers': no outlier, its estimate starts from its fastest first call (warm-up),
+    # and a call of it in flight for 1 ms does not let it skip the sample count either.
     eps = [endpoint(f"e{i}:1", ewma=0.0005, samples=10) for i in range(3)]
     cold = endpoint("cold:1")
     cold.observe(0.040)
@@ -98,7 +100,7 @@ def test_one_cold_first_call_does_not_make_an_outlier():
     assert detector.evaluate([*eps, cold], now=0.001) == []
     for _ in range(4):
         cold.observe(0.0005)
-    assert cold.ewma_per_unit_s > 0.015
+    assert cold.ewma_per_unit_s == pytest.approx(0.0005)
     assert detector.evaluate([*eps, cold], now=0.001) == []
     # really slow (every recent sample) is an outlier
     for _ in range(5):
@@ -188,6 +190,88 @@ def test_a_really_slow_replica_pays_one_call_per_stale_spell():
         picks[ep.address] += 1
     # its sample after each stale spell puts it back at 10x: a few probes a second
     assert 0 < picks["slow:1"] < 0.01 * sum(picks.values()), picks
+
+
+def test_a_replica_confirmed_slow_is_probed_ever_more_rarely_until_it_recovers():
+    # One sequential caller on 2 ms calls; the third replica takes 20 ms. Each probe that
+    # finds it slow again doubles its next stale spell (0.5 s up to 8 s half-lives); the
+    # first fast probe after it recovers puts the spell back, and it gets calls again.
+    clock = 0.0
+    fast = [endpoint(f"f{i}:1") for i in range(2)]
+    slow = endpoint("slow:1")
+    for ep in fast:
+        ep.observe(0.002, now=clock)
+    slow.observe(0.020, now=clock)
+    balancer = Balancer("p2c", random.Random(3))
+    probes: list[float] = []
+    slow_s = 0.020
+
+    def call() -> Endpoint:
+        nonlocal clock
+        ep = balancer.pick([*fast, slow], 1, clock)
+        token = ep.start(clock)
+        clock += slow_s if ep is slow else 0.002
+        ep.finish(token, clock)
+        return ep
+
+    while clock < 90.0:
+        if call() is slow:
+            probes.append(clock)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert 4 <= len(probes) <= 8, probes  # a fixed 0.5 s half-life: ~45 probes
+    assert gaps == sorted(gaps) and gaps[-1] >= 4 * gaps[0], gaps
+    assert slow.stale_half_life_s == endpoints.STALE_MAX_HALF_LIFE_S
+    slow_s = 0.002  # it recovers
+    picks = collections.Counter(call().address for _ in range(40_000))  # ~80 s
+    assert slow.stale_half_life_s == endpoints.STALE_HALF_LIFE_S
+    assert picks["slow:1"] > 0.1 * sum(picks.values()), picks
+
+
+def test_a_joining_replica_whose_first_calls_were_cold_still_gets_its_share():
+    # One sequential caller, peers at ~0.3 ms. A replica that just joined lost its first
+    # two calls to hedges (censored samples of 2.5 ms, 8x the median): in warm-up it
+    # still costs the median, so its third call comes at once and it gets its share
+    # (a CI run saw a joining host get no call for 5 s when one cold call kept it out).
+    rng = random.Random(4)
+    clock = 0.0
+    peers = [endpoint(f"p{i}:1") for i in range(2)]
+    new = endpoint("new:1")
+    for ep in peers:
+        ep.observe(0.0003, now=clock)
+    balancer = Balancer("p2c", random.Random(11))
+    cold = iter([0.0025, 0.0025])
+    picks: list[float] = []
+    calls = 0
+    while clock < 2.0:
+        ep = balancer.pick([*peers, new], 1, clock)
+        token = ep.start(clock)
+        clock += (next(cold, None) if ep is new else None) or rng.uniform(0.00025, 0.00035)
+        ep.finish(token, clock)
+        calls += 1
+        if ep is new:
+            picks.append(clock)
+    assert len(picks) >= 3 and picks[2] < 0.05, picks[:3]
+    assert len(picks) > 0.2 * calls, (len(picks), calls)
+
+
+def test_a_sub_millisecond_probe_two_hiccups_slower_does_not_lengthen_the_spell():
+    # Peers at 0.3 ms; a replica's stale estimate (1 ms) decayed and its probe came in at
+    # 1 ms: 3x the median but only 0.7 ms above it, a scheduling hiccup, not slowness
+    # (SLOW_CONFIRM_MIN_S). Its next spell stays 0.5 s; a probe 20 ms slow doubles it.
+    peers = [endpoint(f"p{i}:1", ewma=0.0003) for i in range(2)]
+    probed = endpoint("probed:1", ewma=0.001)
+    for ep in [*peers, probed]:
+        ep.sampled_at = 0.0
+    balancer = Balancer("p2c", random.Random(2))
+    for now, latency, half_life in ((1.0, 0.001, endpoints.STALE_HALF_LIFE_S),
+                                    (3.0, 0.020, 2 * endpoints.STALE_HALF_LIFE_S)):
+        for ep in peers:
+            ep.sampled_at = now
+        assert cost(probed, 1, 0.0003, now) < cost(probed, 1, 0.0003), "decayed"
+        probed.observe(latency, now=now)
+        assert probed.stale_half_life_s == half_life
+        probed.ewma_per_unit_s = 0.001
+    assert balancer.pick([*peers, probed], 1, 3.0) in peers
 
 
 def test_a_short_stall_or_a_long_stream_is_not_a_hang():
