@@ -117,10 +117,16 @@ class LocalSearch:
     async def search(self, call: SearchCall, *, deadline: float | None = None) -> Searched:
         """One search through the hop's core (validation included)."""
         _check_time(deadline, "search")
-        responses, timings = await self._hop.search([search_request(call)], deadline)
-        response = responses[0]
-        response.timings.extend(timings)
-        return searched_from(response)
+        # Validated as the wire request is; the hits come back as domain values, with no
+        # wire response built and parsed again (~25 us a hit with its payload).
+        prepared = self._hop.prepare(search_request(call))
+        results, timings = await self._hop.search_queries([prepared], deadline)
+        hits = [
+            Found(h.id, h.score, h.payload.text, dict(h.payload.metadata))
+            if h.payload is not None else Found(h.id, h.score, "")
+            for h in results[0]
+        ]
+        return Searched(hits, [timing_from_proto(t) for t in timings])
 
     async def collection_version(self, name: str, *, deadline: float | None = None) -> int:
         """The collection's version (NOT_FOUND when unknown)."""
