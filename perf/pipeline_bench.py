@@ -4,7 +4,10 @@ One invocation, for each deployment (``--deployments``, default both):
 
 * ``embedded``: one ``backbone serve`` process (every hop and the pipeline in-process);
 * ``split``: embedding, search, rerank and generation each in its own process, the router
-  in front of them, and the pipeline in its own process calling the hops through the router.
+  in front of them, and the pipeline in its own process calling the hops through the router;
+* ``routed``: the same four hops, and the router and the pipeline in one process
+  (``backbone serve router pipeline``): the pipeline calls the hops through the router's
+  policy in-process, one gRPC leg per call instead of two.
 
 Against each, a client in its own process (``python -m perf.pipeline_bench client``)
 ingests ``--docs`` MS MARCO passages into a collection, then runs ``--rounds`` rounds,
@@ -232,6 +235,11 @@ def deploy(args, kind: str, log_dir: Path, data_dir: Path) -> tuple[list[ServerP
                             "backbone.v1.GenerationService", log_dir))
         upstreams = " ".join(f"--upstream {svc}={p.target}" for svc, p in
                              zip(("embedding", "search", "rerank", "generation"), procs))
+        if kind == "routed":  # the pipeline in the router's process: one leg per hop call
+            router = _start(args, "router+pipeline", f"router pipeline {upstreams}",
+                            "backbone.v1.PipelineService", log_dir)
+            procs.append(router)
+            return procs, router.target, router.target
         router = _start(args, "router", f"router {upstreams}", "backbone.v1.RouterService", log_dir)
         procs.append(router)
         via = " ".join(f"--set upstream.{h}_address={router.target}"
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     """``client`` runs the workload; without it, the driver runs every deployment."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", default="driver", choices=("driver", "client"))
-    parser.add_argument("--deployments", default="embedded,split")
+    parser.add_argument("--deployments", default="embedded,split,routed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--docs", type=int, default=300)

@@ -177,10 +177,13 @@ class Forwarder:
             self._callables[key] = fn
         return fn[1]
 
-    # -- the four kinds --------------------------------------------------------------------
-    async def _unary(self, service: str, method: str, request: bytes, context) -> bytes:
+    # -- context-free cores (also used in-process: server.router.routed) -----------------
+    async def call_unary(self, service: str, method: str, request: bytes,
+                         deadline: float | None, md) -> tuple[bytes, Any]:  # noqa: ANN001
+        """One unary call through the policy: (response bytes, trailing metadata); raises
+        ``AttemptError`` (the last replica's error) or the policy's own refusal."""
         pool, rs = self._set(service)
-        path, md = f"/{service}/{method}", forwarded_metadata(context)
+        path = f"/{service}/{method}"
 
         async def attempt(ep, timeout):
             call = self._callable(pool, ep.address, path, "unary_unary")(request, timeout=timeout, metadata=md)
@@ -192,20 +195,18 @@ class Forwarder:
             ep.report(*load_report.parse(trailing))
             return response, trailing
 
-        try:
-            win = await rs.run(attempt, deadline=deadline_of(context),
-                               units=units_of(service, method, request),
-                               replay=is_idempotent(service, method),
-                               hedge=is_hedgeable(service, method))
-        except AttemptError as err:
-            await relay(context, err)
-        response, trailing = win.value
-        context.set_trailing_metadata(returned_metadata(trailing))
-        return response
+        win = await rs.run(attempt, deadline=deadline, units=units_of(service, method, request),
+                           replay=is_idempotent(service, method),
+                           hedge=is_hedgeable(service, method))
+        return win.value
 
-    async def _server_stream(self, service: str, method: str, request: bytes, context):
+    async def open_stream(self, service: str, method: str, request: bytes,
+                          deadline: float | None, md):  # noqa: ANN001, ANN201
+        """A server stream through the policy, retried or hedged until its first message:
+        (replica set, win); ``win.value`` is (call, first message). The caller relays the
+        rest and closes the bookkeeping with ``rs.finish_stream``."""
         pool, rs = self._set(service)
-        path, md = f"/{service}/{method}", forwarded_metadata(context)
+        path = f"/{service}/{method}"
 
         async def attempt(ep, timeout):
             call = self._callable(pool, ep.address, path, "unary_stream")(request, timeout=timeout, metadata=md)
@@ -219,11 +220,26 @@ class Forwarder:
             return call, first
 
         replay = may_replay_before_first_message(service, method)
+        win = await rs.run(attempt, deadline=deadline, replay=replay,
+                           hedge=replay and is_hedgeable(service, method),
+                           first_message=True, keep_open=True,
+                           discard=lambda value: value[0].cancel())
+        return rs, win
+
+    # -- the four kinds --------------------------------------------------------------------
+    async def _unary(self, service: str, method: str, request: bytes, context) -> bytes:
         try:
-            win = await rs.run(attempt, deadline=deadline_of(context), replay=replay,
-                               hedge=replay and is_hedgeable(service, method),
-                               first_message=True, keep_open=True,
-                               discard=lambda value: value[0].cancel())
+            response, trailing = await self.call_unary(
+                service, method, request, deadline_of(context), forwarded_metadata(context))
+        except AttemptError as err:
+            await relay(context, err)
+        context.set_trailing_metadata(returned_metadata(trailing))
+        return response
+
+    async def _server_stream(self, service: str, method: str, request: bytes, context):
+        try:
+            rs, win = await self.open_stream(service, method, request, deadline_of(context),
+                                             forwarded_metadata(context))
         except AttemptError as err:
             await relay(context, err)
         call, message = win.value

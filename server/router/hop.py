@@ -20,6 +20,7 @@ from backbone.v1 import router_service_pb2_grpc
 from server.hop import HopContext
 from server.router import metrics as router_metrics
 from server.router.forward import Forwarder
+from server.router.routed import RoutedChannel
 from server.router.servicer import RouterServicer
 from server.router.upstream_pool import SERVICES, UpstreamPool
 
@@ -41,10 +42,11 @@ class RouterHop:
         self._health = None
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._forwarder = Forwarder(lambda: self.pool)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the forwarding handlers and RouterService."""
-        forwarder = Forwarder(lambda: self.pool)
+        forwarder = self._forwarder
         server.add_generic_rpc_handlers(tuple(forwarder.handlers(s) for s in FORWARDED))
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(lambda: self.pool.sets if self.pool is not None else {}), server)
@@ -74,6 +76,15 @@ class RouterHop:
             log.warning("router: no healthy replica yet for %s; serving anyway", ", ".join(missing))
         self._health = ctx.health
         self._task = asyncio.ensure_future(self._report_health())
+
+    def channel_for(self, hop: str) -> RoutedChannel | None:
+        """A channel to ``hop``'s replicas through this router's policy, for a hop of this
+        process (the pipeline: ``backbone serve router pipeline``); None when this router
+        has no upstream for it."""
+        service = SERVICES.get(hop)
+        if self.pool is None or service not in self.pool.sets:
+            return None
+        return RoutedChannel(self._forwarder)
 
     def _all_served(self) -> bool:
         return self.pool is not None and all(rs.healthy() for rs in self.pool.sets.values())

@@ -2,14 +2,16 @@
 all four), in-process in the embedded default and over gRPC when split.
 
 ``Upstreams(ctx)`` implements ``router.hop_api.Upstream``. Per hop it picks, on first use:
-the hop object of this process (``HopContext.local``) when there is one, else a gRPC
-client to the address ``[upstream]`` names (``search.embedding_address`` also counts for
-embedding), else UNAVAILABLE saying what to configure. The gRPC clients use the process's
-TLS and bearer token, forward the caller's remaining deadline minus a reserve, and keep
-the upstream's status (see ``server.upstream.wire``). Every call runs in a span named
-for the hop ("embed", "search", "rerank", "generate", "count_tokens"; see
-``server.telemetry``), whose context the gRPC clients carry on as ``traceparent``, and is
-counted in ``backbone_upstream_*`` (``server.metrics``).
+the hop object of this process (``HopContext.local``) when there is one, else, when the
+router runs in this process and has replicas of the hop, a gRPC client on the router's
+in-process channel (``server.router.routed``: one leg per call, the router's policy),
+else a gRPC client to the address ``[upstream]`` names (``search.embedding_address``
+also counts for embedding), else UNAVAILABLE saying what to configure. The gRPC clients
+use the process's TLS and bearer token, forward the caller's remaining deadline minus a
+reserve, and keep the upstream's status (see ``server.upstream.wire``). Every call runs
+in a span named for the hop ("embed", "search", "rerank", "generate", "count_tokens";
+see ``server.telemetry``), whose context the gRPC clients carry on as ``traceparent``,
+and is counted in ``backbone_upstream_*`` (``server.metrics``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from server.upstream import local, remote
 from server.upstream.wire import timing_to_proto, upstream_error
 
 __all__ = ["Upstreams", "timing_to_proto", "upstream_error"]
+
+# The "address" of a hop reached through the router of this process (its replicas).
+ROUTED = "router (in-process)"
 
 _LOCAL = {
     "embedding": local.LocalEmbedding,
@@ -81,7 +86,9 @@ class Upstreams:
         client = self._remote.get(hop)
         if client is not None:
             return client
-        address = self.address(hop)
+        router = self._ctx.local.get("router")
+        channel = router.channel_for(hop) if router is not None else None
+        address = ROUTED if channel is not None else self.address(hop)
         if not address:
             raise Unavailable(
                 f"the {hop} hop is neither in this process nor configured: run it here or "
@@ -89,13 +96,14 @@ class Upstreams:
             )
         config = self._ctx.config
         if hop == "embedding":
-            client = remote.RemoteEmbedding(config, address, _bundled_model_path(self._ctx))
+            client = remote.RemoteEmbedding(config, address, _bundled_model_path(self._ctx),
+                                            channel=channel)
         else:
             client = {
                 "search": remote.RemoteSearch,
                 "rerank": remote.RemoteRerank,
                 "generation": remote.RemoteGeneration,
-            }[hop](config, address)
+            }[hop](config, address, channel=channel)
         client.interceptors = self._interceptors
         self._remote[hop] = client
         return client

@@ -56,11 +56,13 @@ class _Remote:
     #: grpc.aio client interceptors of the channel (the upstream layer sets OpenTelemetry's).
     interceptors: tuple = ()
 
-    def __init__(self, config: Config, address: str) -> None:
+    def __init__(self, config: Config, address: str, *, channel=None) -> None:  # noqa: ANN001
         self._config = config
         self.options: ClientOptions = client_options(config, address)
-        # Invariant: the channel is created lazily inside the event loop that uses it.
-        self._channel: grpc.aio.Channel | None = None
+        # Invariant: the channel is created lazily inside the event loop that uses it,
+        # unless one is given (the router's in-process channel, which is not ours to close).
+        self._channel: grpc.aio.Channel | None = channel
+        self._owned = channel is None
         self._metadata = call_metadata(self.options)
 
     @property
@@ -80,10 +82,10 @@ class _Remote:
             raise upstream_error(err, self.hop) from None
 
     async def close(self) -> None:
-        """Close the channel."""
-        if self._channel is not None:
+        """Close the channel (when this client opened it)."""
+        if self._channel is not None and self._owned:
             await self._channel.close()
-            self._channel = None
+        self._channel, self._owned = None, True
 
 
 class RemoteEmbedding(_Remote):
@@ -91,21 +93,23 @@ class RemoteEmbedding(_Remote):
 
     hop = "embedding"
 
-    def __init__(self, config: Config, address: str, model_path: str) -> None:
-        super().__init__(config, address)
+    def __init__(self, config: Config, address: str, model_path: str, *, channel=None) -> None:  # noqa: ANN001
+        super().__init__(config, address, channel=channel)
         #: Learnt from the first answer (None until then).
         self.dimension: int | None = None
         #: The model's local directory (for the chunking tokenizer).
         self.model_path = model_path
 
     async def embed(self, texts: Sequence[str], *, deadline: float | None = None) -> Embedded:
-        """Vectors and the summed "embed" timing of the calls made."""
+        """Vectors and the summed "embed" timing of the calls made: the hop's own times,
+        as the other hops report theirs (the wire legs are the caller's; when the hop
+        reports no timing, the time the calls took)."""
         import time
 
         stub = emb_grpc.EmbeddingServiceStub(self.channel)
         began = time.perf_counter()
         rows: list[list[float]] = []
-        queue = compute = 0
+        queue = compute = total = 0
         texts = list(texts)
         for start in range(0, len(texts), REMOTE_EMBED_BATCH):
             request = emb_pb.EmbedRequest(inputs=texts[start : start + REMOTE_EMBED_BATCH])
@@ -114,9 +118,10 @@ class RemoteEmbedding(_Remote):
             for t in response.timings:
                 queue += t.queue_us
                 compute += t.compute_us
+                total += t.total_us
         vectors = np.asarray(rows, dtype=np.float32)
         self.dimension = int(vectors.shape[1])
-        took = time.perf_counter() - began
+        took = total / 1e6 if total else time.perf_counter() - began
         return Embedded(vectors, HopTime("embed", queue / 1e6, compute / 1e6, took, len(texts)))
 
 

@@ -10,6 +10,7 @@ import grpc.aio
 import pytest
 
 from backbone.v1 import pipeline_service_pb2_grpc as pb_grpc
+from server.router.hop import RouterHop
 from server.servicers.pipeline import PipelineHop
 from tests.conftest import make_config, running
 from tests.pipeline.fakes import EmbedScript, HopScript, start_fake_hops
@@ -25,15 +26,25 @@ class Split:
     hop: PipelineHop
 
 
-@pytest.fixture
-async def split():
-    """Pipeline hop alone in its process; every hop it calls is a fake over gRPC."""
+@pytest.fixture(params=["direct", "routed"])
+async def split(request):
+    """The pipeline hop without the hops it calls, each a fake over gRPC: ``direct``, the
+    pipeline alone in its process calling the fakes' address ([upstream]); ``routed``,
+    the pipeline beside the router in one process (``backbone serve router pipeline``),
+    calling them through the router's policy ([router.upstreams])."""
     embed, hops = EmbedScript(), HopScript()
     fake = await start_fake_hops(embed, hops)
-    upstream = {f"{h}_address": fake.address for h in ("embedding", "search", "rerank", "generation")}
+    names = ("embedding", "search", "rerank", "generation")
     hop = PipelineHop()
+    if request.param == "direct":
+        config = make_config(upstream={f"{h}_address": fake.address for h in names})
+        served = [hop]
+    else:
+        config = make_config(router={"upstreams": {h: [fake.address] for h in names},
+                                     "start_wait_s": 5})
+        served = [hop, RouterHop()]
     try:
-        async with running(make_config(upstream=upstream), [hop]) as server:
+        async with running(config, served) as server:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 yield Split(pb_grpc.PipelineServiceStub(channel), embed, hops, hop)
     finally:

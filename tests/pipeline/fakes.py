@@ -13,6 +13,7 @@ import grpc.aio
 import numpy as np
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from backbone.v1 import embedding_service_pb2 as emb_pb
 from backbone.v1 import embedding_service_pb2_grpc as emb_grpc
@@ -203,11 +204,23 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
         )
 
 
+FAKE_HOP_SERVICES = (
+    "backbone.v1.EmbeddingService", "backbone.v1.VectorSearchService",
+    "backbone.v1.RerankService", "backbone.v1.GenerationService",
+)
+
+
 async def start_fake_hops(embed: EmbedScript, hops: HopScript) -> FakeServer:
-    """One fake server with all four hops."""
-    return await start_fake([
+    """One fake server with all four hops, each SERVING in grpc.health.v1 (a router can
+    put it in rotation)."""
+    checker = health.aio.HealthServicer()
+    fake = await start_fake([
         (emb_grpc.add_EmbeddingServiceServicer_to_server, FakeEmbedding(embed)),
         (vs_grpc.add_VectorSearchServiceServicer_to_server, FakeSearch(hops)),
         (rr_grpc.add_RerankServiceServicer_to_server, FakeRerank(hops)),
         (gen_grpc.add_GenerationServiceServicer_to_server, FakeGeneration(hops)),
+        (health_pb2_grpc.add_HealthServicer_to_server, checker),
     ])
+    for service in ("", *FAKE_HOP_SERVICES):
+        await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return fake

@@ -97,6 +97,9 @@ async def test_remote_call_carries_the_callers_remaining_deadline(fake_embedding
     async with running(config, [SearchHop()]) as server:
         response = await _search(server.address, timeout=2.0)
     assert [t.hop for t in response.timings] == ["embed", "search"]
+    # The embed timing is the hop's own (the fake reports 12 us), as every hop's is, not
+    # the wall time of the call with its wire legs.
+    assert (response.timings[0].total_us, response.timings[0].compute_us) == (12, 10)
     [remaining] = script.time_remaining
     # What the caller had (2 s) less the time spent getting there and the reserve, not
     # 30 s (gRPC rounds the timeout header up to a few significant digits: hence 2.05).
