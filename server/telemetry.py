@@ -165,6 +165,23 @@ def hop_span(t: trace.Tracer, hop: str, **attributes: Any):
         yield span
 
 
+def start_hop_span(t: trace.Tracer, hop: str, **attributes: Any) -> trace.Span:
+    """``hop_span``'s span for a stream, started but not made current: the stream makes it
+    current around each of its steps only (``in_span``). Kept current across an async
+    generator's yields it would leak into the consumer between items, and be detached in
+    whatever context the last step ran in: the pipeline runs a stream's first step as a
+    task (the Generate starts while the sources are written), and OpenTelemetry logged
+    "Failed to detach context" with a traceback on every Answer."""
+    attrs = {"backbone.hop": hop, **{f"backbone.{k}": v for k, v in attributes.items()}}
+    return t.start_span(hop, kind=trace.SpanKind.INTERNAL, attributes=attrs)
+
+
+def in_span(span: trace.Span):
+    """``span`` current for one step (attached and detached in that step's context); an
+    error raised in it is recorded on the span; the span is not ended."""
+    return trace.use_span(span, end_on_exit=False)
+
+
 def trace_headers() -> dict[str, str]:
     """The current context as W3C headers (``traceparent``), for engines that take them
     (vLLM's ``trace_headers``)."""

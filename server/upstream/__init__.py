@@ -109,13 +109,15 @@ class Upstreams:
         return client
 
     @contextlib.contextmanager
-    def _call(self, hop: str, **attributes: Any) -> Iterator[dict[str, Any]]:
-        """One hop call: its span, and its code, latency and reported queue time counted
-        (the body sets ``queue_s`` in the yielded dict)."""
+    def _call(self, hop: str, *, span: bool = True, **attributes: Any) -> Iterator[dict[str, Any]]:
+        """One hop call: its span (``span=False``: the body opens its own), and its code,
+        latency and reported queue time counted (the body sets ``queue_s`` in the yielded
+        dict)."""
         began = time.perf_counter()
         outcome: dict[str, Any] = {"code": "OK", "queue_s": None}
         try:
-            with telemetry.hop_span(self._tracer, hop, **attributes):
+            with (telemetry.hop_span(self._tracer, hop, **attributes) if span
+                  else contextlib.nullcontext()):
                 yield outcome
         except BackboneError as err:
             outcome["code"] = err.status
@@ -167,18 +169,30 @@ class Upstreams:
     async def generate(
         self, call: GenerateCall, *, deadline: float | None
     ) -> AsyncIterator[Delta | Finished]:
-        """See ``router.hop_api.Upstream.generate`` (the hop is resolved on first item)."""
-        with self._call("generate") as out:
-            stream = self.adapter("generation").generate(call, deadline=deadline)
+        """See ``router.hop_api.Upstream.generate`` (the hop is resolved on first item).
+        Its span is current only within each step (``telemetry.start_hop_span``): a step
+        may run in another task than the next."""
+        with self._call("generate", span=False) as out:
+            span = telemetry.start_hop_span(self._tracer, "generate")
+            stream = None
             try:
-                async for event in stream:
+                while True:
+                    with telemetry.in_span(span):
+                        if stream is None:
+                            stream = aiter(self.adapter("generation").generate(call, deadline=deadline))
+                        try:
+                            event = await anext(stream)
+                        except StopAsyncIteration:
+                            break
                     if isinstance(event, Finished):
                         out["queue_s"] = event.timing.queue_s
                     yield event
             finally:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
-                    await aclose()
+                    with telemetry.in_span(span):
+                        await aclose()
+                span.end()
 
     async def count_tokens(
         self, model: str, messages: Sequence[tuple[str, str]], *, deadline: float | None

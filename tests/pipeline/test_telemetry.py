@@ -73,7 +73,7 @@ def _fake_hops(provider):
     )
 
 
-async def test_one_answer_is_one_trace_with_a_span_per_hop(minilm, tmp_path):
+async def test_one_answer_is_one_trace_with_a_span_per_hop(minilm, tmp_path, caplog):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -87,6 +87,9 @@ async def test_one_answer_is_one_trace_with_a_span_per_hop(minilm, tmp_path):
     finally:
         await fake.stop()
     assert messages[-1].WhichOneof("event") == "final"
+    # The generate span is attached and detached within each step of its stream, whose
+    # first step runs as a task of its own (it starts while the sources are written).
+    assert not [r for r in caplog.records if "detach" in r.getMessage()], caplog.text
     spans = exporter.get_finished_spans()
     answers = [s for s in spans if s.name == ANSWER_SPAN]
     answer_traces = {s.context.trace_id for s in answers}
