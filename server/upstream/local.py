@@ -32,7 +32,7 @@ from router.hop_api import (
     Searched,
     TokenCount,
 )
-from server.upstream.wire import cap_max_tokens, timing_from_proto
+from server.upstream.wire import cap_max_tokens, plain_struct, timing_from_proto
 
 MODES = {
     "dense": vs_pb.SEARCH_MODE_DENSE,
@@ -66,15 +66,8 @@ def search_request(call: SearchCall) -> vs_pb.SearchRequest:
 
 def searched_from(response: vs_pb.SearchResponse) -> Searched:
     """Domain hits and timings of a search response."""
-    from google.protobuf import json_format
-
-    hits = [
-        Found(
-            h.id, h.score, h.payload.text,
-            json_format.MessageToDict(h.payload.metadata) if h.payload.metadata.fields else {},
-        )
-        for h in response.hits
-    ]
+    hits = [Found(h.id, h.score, h.payload.text, plain_struct(h.payload.metadata))
+            for h in response.hits]
     return Searched(hits, [timing_from_proto(t) for t in response.timings])
 
 

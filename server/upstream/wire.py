@@ -11,6 +11,9 @@ which a caller may retry elsewhere.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import grpc
 
 from backbone.v1 import common_pb2
@@ -121,3 +124,29 @@ def cap_max_tokens(sampling, cap: int) -> None:
     larger (``cap`` 0: leave it)."""
     if cap > 0 and (not sampling.HasField("max_tokens") or sampling.max_tokens > cap):
         sampling.max_tokens = cap
+
+
+def plain_struct(struct: Any) -> dict[str, Any]:
+    """A ``google.protobuf.Struct`` as plain Python values, as ``json_format.MessageToDict``
+    gives them (numbers float, an unset value None, NaN and infinities refused), walked
+    directly: MessageToDict was ~9 % of the pipeline's CPU per Answer over a remote search
+    hop (20 hits with metadata)."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def _plain(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError(f"a metadata number is {number}")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    return None  # null_value, or unset

@@ -166,3 +166,19 @@ async def test_with_tls_configured_the_upstream_channel_is_tls(tmp_path, pki):  
         assert info.value.code() == S.UNAVAILABLE
     finally:
         await fake.stop()
+
+
+def test_plain_struct_gives_what_message_to_dict_gives():
+    from google.protobuf import json_format, struct_pb2
+
+    from server.upstream.wire import plain_struct
+
+    struct = struct_pb2.Struct()
+    struct.update({"title": "tea", "year": 2024, "score": 0.5, "ok": True, "none": None,
+                   "tags": ["a", 1, [2, {"x": "y"}]], "nested": {"k": {"deep": False}}})
+    struct.fields["unset"].CopyFrom(struct_pb2.Value())
+    assert plain_struct(struct) == json_format.MessageToDict(struct)
+    assert plain_struct(struct_pb2.Struct()) == {}
+    struct.fields["bad"].number_value = float("inf")
+    with pytest.raises(ValueError):
+        plain_struct(struct)
