@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import grpc
 
 from perf.harness import READY_PREFIX, ServerProcess, start_announced
-from perf.report import markdown_table
+from perf.report import latency_summary, markdown_table, write_json
 
 METHOD = "/perf.Floor/Say"
 ANSWER = b"x" * 1700
@@ -125,11 +124,6 @@ def serve(kind: str, upstream: str) -> None:
         raise SystemExit(f"unknown server kind {kind!r}")
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
-
-
 async def drive(targets: dict[str, str], rounds: int, seconds: float) -> dict[str, dict]:
     """Per target: the median over rounds of p50/p99 (ms) and of p50 added vs direct."""
     channels = {name: grpc.aio.insecure_channel(address) for name, address in targets.items()}
@@ -141,13 +135,14 @@ async def drive(targets: dict[str, str], rounds: int, seconds: float) -> dict[st
     names = list(calls)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            latencies: list[float] = []
+            latencies_ms: list[float] = []
             until = time.monotonic() + seconds
             while time.monotonic() < until:
                 began = time.perf_counter()
                 await calls[name](b"q", timeout=5)
-                latencies.append(time.perf_counter() - began)
-            per[name].append((_quantile(latencies, 0.5), _quantile(latencies, 0.99), len(latencies)))
+                latencies_ms.append((time.perf_counter() - began) * 1e3)
+            summary = latency_summary(latencies_ms)
+            per[name].append((summary["p50"], summary["p99"], summary["count"]))
     for channel in channels.values():
         await channel.close()
     direct = per["direct"]
@@ -201,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result, meta)
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "forwarder_floor.json").write_text(json.dumps({"meta": meta, "result": result}, indent=2))
+        write_json(args.out / "forwarder_floor.json", {"meta": meta, "result": result})
         (args.out / "forwarder_floor.md").write_text(text)
     return 0
 
